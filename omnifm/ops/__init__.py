@@ -1,0 +1,18 @@
+"""omnifm.ops: drop-in functional ops with fused backends (see DESIGN.md section 3).
+
+Each op dispatches per call: CUDA tensors to Triton, CPU tensors to the compiled
+extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
+"""
+from ._backend import BackendUnavailableError
+from .info import backend_info
+from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
+from .spectral_token import spectral_token, spectral_token_ref
+
+__all__ = [
+    "BackendUnavailableError",
+    "backend_info",
+    "lowpass_spectrum",
+    "lowpass_spectrum_ref",
+    "spectral_token",
+    "spectral_token_ref",
+]

@@ -1,0 +1,85 @@
+"""Per-call backend choice.
+
+Each op lists, per backend, a function that returns None when that backend can run
+the given inputs, or the reason it cannot. The first usable backend in the priority
+list wins; the reasons for skipping the others are kept for ``backend_info()``.
+``OMNIFM_BACKEND=reference|triton|ext`` forces one; forcing one that cannot run raises.
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("triton", "ext", "reference")
+PRIORITY = {"cuda": ("triton", "ext", "reference"), "cpu": ("ext", "reference", "triton")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend (OMNIFM_BACKEND) cannot run this call."""
+
+
+@dataclass
+class Choice:
+    backend: str
+    skipped: dict = field(default_factory=dict)  # backend -> why it was not used
+
+
+def forced_backend():
+    name = os.environ.get("OMNIFM_BACKEND", "").strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"OMNIFM_BACKEND: expected one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
+def triton_status(device_type):
+    """None if Triton kernels can run on this device type, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cuda":
+        if interpret:
+            return "TRITON_INTERPRET=1 runs kernels on the CPU only"
+        if not torch.cuda.is_available():
+            return "no CUDA device available"
+        return None
+    if device_type == "cpu":
+        return None if interpret else "CPU tensors run Triton only under TRITON_INTERPRET=1"
+    return f"no Triton support for {device_type} tensors"
+
+
+def ext_status(op_name, device_type):
+    """None if omnifm_ext has a kernel for this op on this device type, else why not."""
+    import omnifm_ext
+
+    if not omnifm_ext.AVAILABLE:
+        return f"omnifm_ext not loaded ({omnifm_ext.LOAD_ERROR})"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"omnifm::{op_name}", key):
+        return f"omnifm_ext has no {device_type} kernel for {op_name}"
+    return None
+
+
+def choose(checks, device_type):
+    """checks: {backend: callable() -> None | reason}. Returns a Choice."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = checks[forced]()
+        if reason is not None:
+            raise BackendUnavailableError(f"OMNIFM_BACKEND={forced} cannot run this call: {reason}")
+        return Choice(forced, {b: "OMNIFM_BACKEND forces " + forced for b in BACKENDS if b != forced})
+    skipped, chosen = {}, None
+    for name in PRIORITY.get(device_type, ("reference",)):
+        reason = checks[name]()
+        if chosen is None and reason is None:
+            chosen = name
+        elif reason is None:
+            skipped[name] = f"usable, but {chosen} comes first for {device_type} tensors"
+        else:
+            skipped[name] = reason
+    if chosen is not None:
+        return Choice(chosen, skipped)
+    raise BackendUnavailableError(f"no backend can run this call: {skipped}")

@@ -1,0 +1,160 @@
+"""spectral_token: the OmniFM spectral anchor of each image, a unit vector.
+
+    spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size) -> (B, d)
+
+x (B, C, H, W); S = log1p(lowpass_spectrum(x, size)) viewed as K*K frequency bins
+(row-major over the window) with C channel values each. FreqMix:
+F = S mix_weight^T + freq_embed, mix_weight (m, C), freq_embed (K*K, m). Then
+GELU(F w1^T + b1) with w1 (h, m), GELU(. w2^T + b2) with w2 (d, h), mean over the
+bins, L2 normalisation (eps 1e-12, as F.normalize). GELU is the exact (erf) form.
+Output dtype: the promotion of x's and the parameters' dtypes.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from ._checks import check_image, check_same_device, check_same_dtype, check_tensor, compute_dtype
+from ._dft import magnitude_grad, window_dft
+from .lowpass_spectrum import lowpass_spectrum_ref
+
+OP = "spectral_token"
+EPS = 1e-12
+PARAM_NAMES = ("mix_weight", "freq_embed", "w1", "b1", "w2", "b2")
+
+
+def token_head(s, mix_weight, freq_embed, w1, b1, w2, b2):
+    """s (B, C, K, K) log-magnitude window -> (B, d) unit tokens."""
+    bins = s.flatten(2).transpose(1, 2)  # (B, K*K, C)
+    f = bins @ mix_weight.transpose(0, 1) + freq_embed
+    a2 = F.gelu(F.linear(F.gelu(F.linear(f, w1, b1)), w2, b2))
+    return F.normalize(a2.mean(1), dim=-1, eps=EPS)
+
+
+def spectral_token_ref(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
+    """PyTorch reference (the contract)."""
+    out_dtype, cd = _dtypes(x, mix_weight)
+    params = [p.to(cd) for p in (mix_weight, freq_embed, w1, b1, w2, b2)]
+    s = lowpass_spectrum_ref(x.to(cd), size, log=True)
+    return token_head(s, *params).to(out_dtype)
+
+
+def _dtypes(x, param):
+    out_dtype = torch.promote_types(x.dtype, param.dtype)
+    return out_dtype, compute_dtype(out_dtype)
+
+
+def _validate(x, params, size):
+    check_image(x, size)
+    if x.shape[1] < 1:
+        raise ValueError(f"x: needs at least one channel, got shape {tuple(x.shape)}")
+    mix_weight, freq_embed, w1, b1, w2, b2 = params
+    check_tensor(mix_weight, "mix_weight", shape=(None, x.shape[1]))
+    m = mix_weight.shape[0]
+    check_tensor(freq_embed, "freq_embed", shape=(size * size, m))
+    check_tensor(w1, "w1", shape=(None, m))
+    check_tensor(b1, "b1", shape=(w1.shape[0],))
+    check_tensor(w2, "w2", shape=(None, w1.shape[0]))
+    check_tensor(b2, "b2", shape=(w2.shape[0],))
+    for name, n in (("mix_weight", m), ("w1", w1.shape[0]), ("w2", w2.shape[0])):
+        if n < 1:
+            raise ValueError(f"{name}: output dimension must be at least 1")
+    named = dict(zip(PARAM_NAMES, params))
+    check_same_device(x=x, **named)
+    check_same_dtype(**named)
+
+
+def backend_checks(dev, cd):
+    """{backend: () -> None | why not} for a device type and compute dtype."""
+    return {
+        "reference": lambda: None,
+        "ext": lambda: _backend.ext_status(OP, dev)
+        or (None if cd in (torch.float32, torch.float64) else f"ext computes in float32/float64, not {cd}"),
+        "triton": lambda: _backend.triton_status(dev)
+        or (None if cd == torch.float32 else "the Triton kernel computes in float32, not float64"),
+    }
+
+
+def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
+    """Spectral tokens of x (B, C, H, W) -> (B, d) unit vectors (see module doc)."""
+    params = (mix_weight, freq_embed, w1, b1, w2, b2)
+    _validate(x, params, size)
+    out_dtype, cd = _dtypes(x, mix_weight)
+    backend = _backend.choose(backend_checks(x.device.type, cd), x.device.type).backend
+    if backend == "reference":
+        return spectral_token_ref(x, *params, size=size)
+    params = [p.to(cd) for p in params]
+    if backend == "ext":
+        out = torch.ops.omnifm.spectral_token(x.to(cd), *params, size)
+    else:  # triton reads float16/bfloat16/float32 x as is
+        out = torch.ops.omnifm.spectral_token_triton(x if x.dtype != torch.float64 else x.to(cd), *params, size)
+    return out.to(out_dtype)
+
+
+# --- registration: fake kernel and the analytic backward, shared by the compiled op
+# and the Triton op. The backward recomputes the forward in the matrix form.
+
+@torch.library.custom_op("omnifm::spectral_token_triton", mutates_args=())
+def _spectral_token_triton(x: torch.Tensor, mix_weight: torch.Tensor, freq_embed: torch.Tensor,
+                           w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    from .triton.spectral_token import spectral_token_triton
+
+    return spectral_token_triton(x, mix_weight, freq_embed, w1, b1, w2, b2, size, token_head)
+
+
+def _fake(x, mix_weight, freq_embed, w1, b1, w2, b2, size):
+    return w2.new_empty(x.shape[0], w2.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.size = inputs[7]
+
+
+def _gelu_grad(h):
+    return 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+
+
+def _backward(ctx, grad):
+    x, mix_weight, freq_embed, w1, b1, w2, b2 = ctx.saved_tensors
+    cd = mix_weight.dtype
+    size, kk = ctx.size, ctx.size * ctx.size
+    # Recompute the forward, keeping the pre-activations.
+    X = window_dft(x.to(cd), size)
+    mag = X.abs()
+    bins = torch.log1p(mag).flatten(2).transpose(1, 2)  # (B, K*K, C)
+    f = bins @ mix_weight.transpose(0, 1) + freq_embed
+    h1 = F.linear(f, w1, b1)
+    a1 = F.gelu(h1)
+    h2 = F.linear(a1, w2, b2)
+    pooled = F.gelu(h2).mean(1)
+    norm = pooled.norm(dim=-1, keepdim=True)
+    token = pooled / norm.clamp_min(EPS)
+    g = grad.to(cd)
+    # d normalize: (I - t t^T) g / |p| when |p| > eps, g / eps where the clamp is active.
+    g_pooled = torch.where(norm > EPS, (g - token * (token * g).sum(-1, keepdim=True)) / norm.clamp_min(EPS), g / EPS)
+    g_h2 = (g_pooled / kk).unsqueeze(1) * _gelu_grad(h2)  # (B, K*K, d)
+    g_h1 = (g_h2 @ w2) * _gelu_grad(h1)  # (B, K*K, h)
+    g_f = g_h1 @ w1  # (B, K*K, m)
+    grads = {
+        "w2": torch.einsum("bnd,bnh->dh", g_h2, a1), "b2": g_h2.sum((0, 1)),
+        "w1": torch.einsum("bnh,bnm->hm", g_h1, f), "b1": g_h1.sum((0, 1)),
+        "mix_weight": torch.einsum("bnm,bnc->mc", g_f, bins), "freq_embed": g_f.sum(0),
+    }
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        g_s = (g_f @ mix_weight).transpose(1, 2).reshape(mag.shape)  # (B, C, K, K)
+        grad_x = magnitude_grad(x.to(cd), size, g_s, log=True).to(x.dtype)
+    return (grad_x, *(grads[n] for n in PARAM_NAMES), None)
+
+
+def _register(qualname):
+    torch.library.register_fake(qualname)(_fake)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+_register("omnifm::spectral_token_triton")
+if _backend.ext_status(OP, "cpu") is None:
+    _register("omnifm::spectral_token")
