@@ -5,10 +5,13 @@ the given inputs, or the reason it cannot. The first usable backend in the prior
 list wins; the reasons for skipping the others are kept for ``backend_info()``.
 ``OMNIFM_BACKEND=reference|triton|ext`` forces one; forcing one that cannot run raises.
 """
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
 import torch
+
+import omnifm_ext
 
 BACKENDS = ("triton", "ext", "reference")
 PRIORITY = {"cuda": ("triton", "ext", "reference"), "cpu": ("ext", "reference", "triton")}
@@ -33,11 +36,32 @@ def forced_backend():
     return name
 
 
+# Facts fixed for the process, looked up once: torch.compile traces the per-call
+# checks, and neither the dispatcher query nor an import is traceable.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _has_kernel(op, key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"omnifm::{op}", key)
+    except RuntimeError:  # no schema: the extension does not define this op
+        return False
+
+
+def _ext_kernels():
+    """{(op, device_type)} for which omnifm_ext registered a kernel."""
+    if not omnifm_ext.AVAILABLE:
+        return frozenset()
+    ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "eca_attention")
+    return frozenset((op, key.lower()) for op in ops for key in ("CPU", "CUDA") if _has_kernel(op, key))
+
+
+EXT_KERNELS = _ext_kernels()
+
+
 def triton_status(device_type):
     """None if Triton kernels can run on this device type, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not TRITON_INSTALLED:
         return "triton is not installed"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cuda":
@@ -53,12 +77,9 @@ def triton_status(device_type):
 
 def ext_status(op_name, device_type):
     """None if omnifm_ext has a kernel for this op on this device type, else why not."""
-    import omnifm_ext
-
     if not omnifm_ext.AVAILABLE:
         return f"omnifm_ext not loaded ({omnifm_ext.LOAD_ERROR})"
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"omnifm::{op_name}", key):
+    if (op_name, device_type) not in EXT_KERNELS:
         return f"omnifm_ext has no {device_type} kernel for {op_name}"
     return None
 

@@ -1,5 +1,7 @@
 """Input validation shared by the ops. Every error names the offending argument and
 is raised before any kernel runs, whatever the backend."""
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,3 +58,11 @@ def check_image(x, size):
 def compute_dtype(dtype):
     """Half types are computed in float32 (FFTs and accumulation need it)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def new_output(shape, dtype, device):
+    """Output buffer of a kernel. With OMNIFM_POISON_OUTPUTS=1 (set by the tests) it
+    starts as NaN, so an element the kernel forgets to write shows."""
+    if os.environ.get("OMNIFM_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -4,6 +4,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <limits>
+#include <string>
+
 namespace omnifm {
 namespace cpu {
 
@@ -23,6 +27,16 @@ inline void check_param(const at::Tensor& t, const char* name, at::IntArrayRef s
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ",
                    x.scalar_type(), ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device());
+}
+
+// Output buffer. With OMNIFM_POISON_OUTPUTS=1 (set by the tests) it starts as NaN,
+// so an element the kernel forgets to write cannot pass as a plausible value.
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  static const bool poison = [] {
+    const char* v = std::getenv("OMNIFM_POISON_OUTPUTS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return poison ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts) : at::empty(shape, opts);
 }
 
 }  // namespace cpu

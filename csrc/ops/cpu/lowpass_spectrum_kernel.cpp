@@ -12,7 +12,7 @@ at::Tensor lowpass_spectrum_cpu(const at::Tensor& x_in, int64_t size, bool log) 
   check_image(x_in, size);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor out = at::empty({B, C, size, size}, x.options());
+  at::Tensor out = new_output({B, C, size, size}, x.options());
   if (B == 0 || C == 0) return out;
   const HalfWindowBases bases = half_window_bases(H, W, size, x.scalar_type());
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {

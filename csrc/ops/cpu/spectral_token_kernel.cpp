@@ -28,7 +28,7 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
   check_param(w2, "w2", {d, h}, x);
   check_param(b2, "b2", {d}, x);
 
-  at::Tensor out = at::empty({B, d}, x.options());
+  at::Tensor out = new_output({B, d}, x.options());
   if (B == 0) return out;
   const HalfWindowBases bases = half_window_bases(H, W, size, x.scalar_type());
   const at::Tensor mix_t = mix_weight.t().contiguous();

@@ -3,6 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import new_output
 from ._window import DOT_PRECISION, log1p, padded, window_bases, window_block
 
 MAX_BLOCK = 64  # window block edge: larger windows are tiled over the grid
@@ -30,7 +31,7 @@ def lowpass_spectrum_triton(x, size, log):
     """x (B, C, H, W) float16/bfloat16/float32 -> (B, C, size, size) in x's dtype."""
     x = x.contiguous()
     B, C, H, W = x.shape
-    out = torch.empty(B, C, size, size, dtype=x.dtype, device=x.device)
+    out = new_output((B, C, size, size), x.dtype, x.device)
     if out.numel() == 0:
         return out
     kb = padded(size, MAX_BLOCK)

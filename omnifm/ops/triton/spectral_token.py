@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import new_output
 from ._window import DOT_PRECISION, gelu, log1p, padded, window_bases, window_block
 from .lowpass_spectrum import lowpass_spectrum_triton
 
@@ -76,7 +77,7 @@ def spectral_token_triton(x, mix_weight, freq_embed, w1, b1, w2, b2, size, head)
     params = [t.contiguous() for t in (mix_weight, freq_embed, w1, b1, w2, b2)]
     B, C, H, W = x.shape
     m, hid, d = mix_weight.shape[0], w1.shape[0], w2.shape[0]
-    out = torch.empty(B, d, dtype=torch.float32, device=x.device)
+    out = new_output((B, d), torch.float32, x.device)
     if B == 0:
         return out
     kb = padded(size)

@@ -1,0 +1,65 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import omnifm_ext
+from omnifm.ops import backend_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_is_built():
+    """CI builds the extension: a silent fallback to the reference must not pass."""
+    if os.environ.get("OMNIFM_ALLOW_NO_EXT") == "1":
+        pytest.skip("OMNIFM_ALLOW_NO_EXT=1")
+    assert omnifm_ext.AVAILABLE, omnifm_ext.LOAD_ERROR
+    info = omnifm_ext.build_info()
+    assert {"lowpass_spectrum", "spectral_token"} <= set(info["cpu_ops"])
+
+
+def test_backend_info_reports_every_op_and_device():
+    info = backend_info()
+    for op in ("lowpass_spectrum", "spectral_token"):
+        for dev in ("cpu", "cuda"):
+            choice = info["ops"][op][dev]
+            others = {"reference", "ext", "triton"} - {choice["backend"]}
+            assert others <= set(choice["skipped"]), (op, dev, choice)
+            assert all(isinstance(why, str) and why for why in choice["skipped"].values())
+    if omnifm_ext.AVAILABLE:
+        assert info["ops"]["spectral_token"]["cpu"]["backend"] == "ext"
+
+
+def run(code_or_args, env_extra=None, module=False):
+    env = {**os.environ, **(env_extra or {})}
+    cmd = [sys.executable, "-m", "omnifm.cli", *code_or_args] if module else [sys.executable, "-c", code_or_args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_info_text_and_json():
+    res = run(["info"], module=True)
+    assert res.returncode == 0, res.stderr
+    assert "spectral_token" in res.stdout and "cpu" in res.stdout
+    res = run(["info", "--json"], module=True)
+    assert json.loads(res.stdout)["ops"]["lowpass_spectrum"]["cpu"]["backend"] in ("ext", "reference")
+
+
+def test_import_without_extension_falls_back_to_reference():
+    code = (
+        "import sys; sys.modules['omnifm_ext._C'] = None\n"  # makes `from . import _C` fail
+        "import torch, omnifm, omnifm_ext\n"
+        "from omnifm.ops import backend_info, lowpass_spectrum, lowpass_spectrum_ref\n"
+        "assert not omnifm_ext.AVAILABLE\n"
+        "info = backend_info()['ops']['spectral_token']['cpu']\n"
+        "assert info['backend'] == 'reference', info\n"
+        "assert 'not loaded' in info['skipped']['ext'], info\n"
+        "x = torch.rand(2, 1, 8, 8)\n"
+        "assert torch.equal(lowpass_spectrum(x, 4), lowpass_spectrum_ref(x, 4))\n"
+        "import os; os.environ['OMNIFM_BACKEND'] = 'ext'\n"
+        "try:\n    lowpass_spectrum(x, 4)\nexcept RuntimeError as e:\n    print('raised:', e)\n"
+    )
+    res = run(code, {"OMNIFM_BACKEND": ""})
+    assert res.returncode == 0, res.stderr
+    assert "raised: OMNIFM_BACKEND=ext cannot run this call: omnifm_ext not loaded" in res.stdout
