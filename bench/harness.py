@@ -44,10 +44,10 @@ def copy_bandwidth_gbps(nbytes, device):
 def print_table(title, rows):
     """rows: dicts with impl, ms, speedup, gbps, note."""
     print(f"\n{title}")
-    print(f"{'impl':<26} {'ms':>10} {'vs eager':>9} {'GB/s':>8}  note")
+    print(f"{'impl':<34} {'ms':>10} {'vs eager':>9} {'GB/s':>8}  note")
     for r in rows:
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") is not None else "-"
-        print(f"{r['impl']:<26} {r['ms']:>10.3f} {r['speedup']:>8.2f}x {gbps:>8}  {r.get('note', '')}")
+        print(f"{r['impl']:<34} {r['ms']:>10.3f} {r['speedup']:>8.2f}x {gbps:>8}  {r.get('note', '')}")
 
 
 def append_csv(bench, device, shape, rows, path=RESULTS_CSV):

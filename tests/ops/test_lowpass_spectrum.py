@@ -145,3 +145,25 @@ def test_half_precision_on_cpu_uses_reference():
     out = lowpass_spectrum(x.bfloat16(), 8)
     assert out.dtype == torch.bfloat16
     assert relerr(out, lowpass_spectrum_ref(x.double(), 8)) < 2e-2
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 1, 1), 1), ((2, 1, 1024, 1024), 16), ((1, 2, 1024, 3), 3),
+                                        ((1, 1, 300, 257), 257), ((1, 1, 33, 1000), 33)])
+def test_extreme_shapes_ext(shape, size):
+    if "ext" not in dict(BACKENDS):
+        pytest.skip("ext not available here")
+    x = torch.rand(*shape, dtype=torch.float64) + 0.1
+    with forced("ext"):
+        out = lowpass_spectrum(x, size, log=True)
+    assert relerr(out, torch.log1p(numpy_oracle(x, size))) < 1e-12
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 1, 1), 1), ((1, 2, 90, 70), 70), ((1, 1, 3, 130), 3)])
+def test_multi_block_and_tiny_triton(shape, size):
+    """Windows over 64 span several programs per plane; 1x1 images one partial tile."""
+    if "triton" not in dict(BACKENDS):
+        pytest.skip("triton not available here")
+    x = torch.rand(*shape, dtype=torch.float64) + 0.1
+    with forced("triton"):
+        out = lowpass_spectrum(x.float().to(dict(BACKENDS)["triton"]), size)
+    assert relerr(out, numpy_oracle(x, size)) < 1e-5

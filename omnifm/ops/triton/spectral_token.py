@@ -84,5 +84,6 @@ def spectral_token_triton(x, mix_weight, freq_embed, w1, b1, w2, b2, size, head)
     ch, sh, cw, sw = window_bases(H, W, size, kb, x.device)
     _token_kernel[(B,)](x, *params, out, ch, sh, cw, sw, C, H, W, size, m, hid, d, 1e-12,
                         KB=kb, MP=padded(m), HP=padded(hid), BLOCK_D=min(64, padded(d)),
-                        BLOCK_H=32, BLOCK_W=32, PRECISION=DOT_PRECISION)
+                        BLOCK_H=32, BLOCK_W=32, PRECISION=DOT_PRECISION,
+                        num_warps=8)  # (K*K, h) activations: more threads, fewer registers each
     return out
