@@ -117,8 +117,10 @@ def test_fast_backward_matches_reference(backend, device, case):
     spectral_token_ref(*ref, size=size).backward(g)
     bound = 1e-9 if dtype == torch.float64 else 1e-3
     for name, a, b in zip(NAMES, fast, ref):
-        if b.grad.norm() > 0:
+        if b.grad.norm() > 1e-8 * g.norm():
             assert relerr(a.grad, b.grad) < bound, name
+        else:  # a gradient that is zero up to roundoff (e.g. d=1: the token is +-1)
+            assert a.grad.double().norm() < 1e-5 * g.norm(), name
 
 
 @pytest.mark.parametrize("qualname", ["omnifm::spectral_token", "omnifm::spectral_token_triton"])

@@ -14,7 +14,7 @@ from .._checks import new_output
 from ._window import DOT_PRECISION, gelu, log1p, padded, window_bases, window_block
 from .lowpass_spectrum import lowpass_spectrum_triton
 
-FUSED_MAX_SIZE = 16
+from .limits import SPECTRAL_FUSED_MAX_SIZE as FUSED_MAX_SIZE
 
 
 @triton.jit
