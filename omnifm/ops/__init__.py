@@ -4,6 +4,7 @@ Each op dispatches per call: CUDA tensors to Triton, CPU tensors to the compiled
 extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
 """
 from ._backend import BackendUnavailableError
+from .cosine_topk import cosine_topk, cosine_topk_ref
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
 from .spectral_token import spectral_token, spectral_token_ref
@@ -11,6 +12,8 @@ from .spectral_token import spectral_token, spectral_token_ref
 __all__ = [
     "BackendUnavailableError",
     "backend_info",
+    "cosine_topk",
+    "cosine_topk_ref",
     "lowpass_spectrum",
     "lowpass_spectrum_ref",
     "spectral_token",

@@ -4,9 +4,16 @@ import platform
 
 import torch
 
-from . import _backend, lowpass_spectrum, spectral_token
+from . import _backend
+from .cosine_topk import backend_checks as _cosine_topk_checks
+from .lowpass_spectrum import backend_checks as _lowpass_spectrum_checks
+from .spectral_token import backend_checks as _spectral_token_checks
 
-OPS = {"lowpass_spectrum": lowpass_spectrum.backend_checks, "spectral_token": spectral_token.backend_checks}
+OPS = {
+    "lowpass_spectrum": _lowpass_spectrum_checks,
+    "spectral_token": _spectral_token_checks,
+    "cosine_topk": _cosine_topk_checks,
+}
 
 
 def _versions():

@@ -70,7 +70,8 @@ at::Tensor inverse_norms(const at::Tensor& rows, int64_t offset, std::atomic<int
       int64_t expected = -1;
       bad_row.compare_exchange_strong(expected, offset + i);
     }
-    out[i] = static_cast<T>(1.0 / std::max(std::sqrt(static_cast<double>(s[i])), kEps));
+    // In T, operation for operation as the reference: 1 / clamp_min(sqrt(sum sq), eps).
+    out[i] = T(1) / std::max(std::sqrt(s[i]), static_cast<T>(kEps));
   }
   return inv;
 }

@@ -57,7 +57,8 @@ def _topk_kernel(q_ptr, bank_ptr, rq_ptr, keys_ptr, bad_ptr, B, D, n_valid, rows
         bad = live & ((sq != sq) | (sq == float("inf")))
         if tl.max(bad.to(tl.int32), axis=0) > 0:
             tl.atomic_max(bad_ptr, tl.max(tl.where(bad, offs_n + 1, 0), axis=0))
-        rb = 1.0 / tl.maximum(tl.sqrt(sq), eps)
+        # Correctly rounded sqrt and division, as the reference computes them.
+        rb = tl.math.div_rn(tl.full((BN,), 1.0, tl.float32), tl.maximum(tl.math.sqrt_rn(sq), eps))
         keys = _pack((dots * rq[:, None]) * rb[None, :], offs_n[None, :])
         keys = tl.where(live[None, :], keys, -(2**63))
         # Merge only when some key beats a query's current worst kept key.
