@@ -1,7 +1,6 @@
-// CPU kernel: cosine top-k over a bank streamed in tiles. Each task takes a block of
-// queries and a chunk of bank rows, multiplies one tile at a time into a small
-// cache-resident buffer (BLAS), and keeps a running top-k heap per query; the (B, M)
-// similarity matrix never exists. score = ((q . b) * rq) * rb with r = 1 / max(|v|, eps),
+// CPU kernel: cosine top-k over a bank streamed in tiles of kTileRows rows. Each tile
+// is multiplied against a block of queries into a reused buffer (BLAS), and every
+// query keeps a running top-k heap; the (B, M) similarity matrix never exists. score = ((q . b) * rq) * rb with r = 1 / max(|v|, eps),
 // the same expression as the reference, so exact ties (duplicated rows) stay ties and
 // are broken by the lower index.
 #include <ATen/Parallel.h>
@@ -20,7 +19,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTileRows = 1024;
-constexpr int64_t kQueryBlock = 256;
+constexpr int64_t kQueryBlock = 4096;  // bounds the similarity buffer: 16 MiB in float32
 constexpr double kEps = 1e-12;
 
 template <typename T>
@@ -58,89 +57,91 @@ struct TopK {
   }
 };
 
-// 1 / max(|row|, eps) per row; the first non-finite row (or -1) goes to bad_row.
+// 1 / max(|row|, eps) for each row of a contiguous (n, d) block, written to out, in T
+// operation for operation as the reference: 1 / clamp_min(sqrt(sum sq), eps). The first
+// non-finite row (global index offset + i) goes to bad_row. No allocation: this runs
+// per tile inside the parallel region.
 template <typename T>
-at::Tensor inverse_norms(const at::Tensor& rows, int64_t offset, std::atomic<int64_t>& bad_row) {
-  at::Tensor sq = (rows * rows).sum(1);
-  const T* s = sq.data_ptr<T>();
-  at::Tensor inv = at::empty_like(sq);
-  T* out = inv.data_ptr<T>();
-  for (int64_t i = 0; i < sq.size(0); ++i) {
-    if (!std::isfinite(s[i])) {
+void inverse_norms(const T* rows, int64_t n, int64_t d, int64_t offset, T* out, std::atomic<int64_t>& bad_row) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* r = rows + i * d;
+    T sq = 0;
+    for (int64_t j = 0; j < d; ++j) sq += r[j] * r[j];
+    if (!std::isfinite(sq)) {
       int64_t expected = -1;
       bad_row.compare_exchange_strong(expected, offset + i);
     }
-    // In T, operation for operation as the reference: 1 / clamp_min(sqrt(sum sq), eps).
-    out[i] = T(1) / std::max(std::sqrt(s[i]), static_cast<T>(kEps));
+    out[i] = T(1) / std::max(std::sqrt(sq), static_cast<T>(kEps));
   }
-  return inv;
 }
 
 template <typename T>
 void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n_valid,
                at::Tensor& scores, at::Tensor& indices) {
-  const int64_t B = q.size(0);
+  const int64_t B = q.size(0), d = q.size(1);
   const auto dtype = q.scalar_type();
   std::atomic<int64_t> bad_query(-1), bad_row(-1);
-  const at::Tensor rq = inverse_norms<T>(q, 0, bad_query);
+  std::vector<T> rq(B), rb(kTileRows);
+  inverse_norms<T>(q.data_ptr<T>(), B, d, 0, rq.data(), bad_query);
   TORCH_CHECK_VALUE(bad_query.load() < 0, "queries: row ", bad_query.load(), " is not finite");
 
-  const int64_t n_qblocks = (B + kQueryBlock - 1) / kQueryBlock;
-  const int64_t n_tiles = (n_valid + kTileRows - 1) / kTileRows;
-  // Split the bank into chunks only when the query blocks alone cannot keep every
-  // thread busy; each chunk's heaps are merged at the end.
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks = std::min(n_tiles, std::max<int64_t>(1, (threads + n_qblocks - 1) / n_qblocks));
-  const int64_t tiles_per_chunk = (n_tiles + n_chunks - 1) / n_chunks;
-  std::vector<std::vector<TopK<T>>> partial(n_qblocks * n_chunks);
-
-  at::parallel_for(0, n_qblocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task / n_chunks, chunk = task % n_chunks;
-      const int64_t q0 = qb * kQueryBlock, q1 = std::min(B, q0 + kQueryBlock);
-      const at::Tensor qblock = q.slice(0, q0, q1);
-      const T* rq_p = rq.data_ptr<T>() + q0;
-      std::vector<TopK<T>> heaps(q1 - q0, TopK<T>(k));
-      const int64_t r_begin = chunk * tiles_per_chunk * kTileRows;
-      const int64_t r_end = std::min(n_valid, r_begin + tiles_per_chunk * kTileRows);
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
-        const int64_t r1 = std::min(r_end, r0 + kTileRows);
-        const at::Tensor tile = bank.slice(0, r0, r1).to(dtype).contiguous();
-        const at::Tensor rb = inverse_norms<T>(tile, r0, bad_row);
-        const at::Tensor sim = at::mm(qblock, tile.t()).contiguous();
-        const T* s = sim.data_ptr<T>();
-        const T* rb_p = rb.data_ptr<T>();
-        const int64_t T_rows = r1 - r0;
-        for (int64_t i = 0; i < q1 - q0; ++i) {
-          TopK<T>& h = heaps[i];
+  // Per bank tile: one BLAS call over a block of queries (BLAS threads it well),
+  // then the selection in parallel over queries. The buffers are allocated once: a
+  // fresh MiB-sized buffer per tile would be mmap'ed and unmapped every time.
+  const int64_t qblock = std::min(B, kQueryBlock);
+  at::Tensor sim_buf = at::empty({qblock, kTileRows}, q.options());
+  const bool convert = bank.scalar_type() != dtype;
+  at::Tensor tile_buf = convert ? at::empty({kTileRows, d}, q.options()) : at::Tensor();
+  std::vector<TopK<T>> heaps(B, TopK<T>(k));
+  for (int64_t r0 = 0; r0 < n_valid; r0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, n_valid - r0);
+    at::Tensor tile = bank.slice(0, r0, r0 + rows);
+    if (convert) tile = tile_buf.narrow(0, 0, rows).copy_(tile);
+    inverse_norms<T>(tile.data_ptr<T>(), rows, d, r0, rb.data(), bad_row);
+    const T* rb_p = rb.data();
+    for (int64_t q0 = 0; q0 < B; q0 += qblock) {
+      const int64_t nq = std::min(qblock, B - q0);
+      at::Tensor sim = sim_buf.narrow(0, 0, nq).narrow(1, 0, rows);
+      at::mm_out(sim, q.slice(0, q0, q0 + nq), tile.t());
+      const T* s = sim.data_ptr<T>();
+      const int64_t ld = sim.stride(0);
+      auto select = [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          TopK<T>& h = heaps[q0 + i];
+          const T rqi = rq[q0 + i];
+          const T* srow = s + i * ld;
           T thr = h.threshold();
-          const T* srow = s + i * T_rows;
-          for (int64_t j = 0; j < T_rows; ++j) {
-            const T score = (srow[j] * rq_p[i]) * rb_p[j];
-            if (score > thr) {
-              h.offer(score, r0 + j);
-              thr = h.threshold();
+          // Blocks of 16: score and test branch-free (vectorises); only a block that
+          // holds a candidate touches the heap.
+          for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+            const int64_t n = std::min<int64_t>(16, rows - j0);
+            T block[16];
+            int hit = 0;
+            for (int64_t jj = 0; jj < n; ++jj) {
+              block[jj] = (srow[j0 + jj] * rqi) * rb_p[j0 + jj];
+              hit |= block[jj] > thr;
+            }
+            if (!hit) continue;
+            for (int64_t jj = 0; jj < n; ++jj) {
+              if (block[jj] > thr) {
+                h.offer(block[jj], r0 + j0 + jj);
+                thr = h.threshold();
+              }
             }
           }
         }
-      }
-      partial[task] = std::move(heaps);
+      };
+      at::parallel_for(0, nq, 16, select);
     }
-  });
+  }
   TORCH_CHECK_VALUE(bad_row.load() < 0, "bank: row ", bad_row.load(), " is not finite (or its norm overflows)");
 
   T* out_s = scores.data_ptr<T>();
   int64_t* out_i = indices.data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<Hit<T>> hits;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t qb = b / kQueryBlock, i = b % kQueryBlock;
-      hits.clear();
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        const auto& heap = partial[qb * n_chunks + c][i].heap;
-        hits.insert(hits.end(), heap.begin(), heap.end());
-      }
-      std::partial_sort(hits.begin(), hits.begin() + k, hits.end(), before<T>);
+      std::vector<Hit<T>>& hits = heaps[b].heap;
+      std::sort(hits.begin(), hits.end(), before<T>);
       for (int64_t j = 0; j < k; ++j) {
         out_s[b * k + j] = hits[j].score;
         out_i[b * k + j] = hits[j].index;
