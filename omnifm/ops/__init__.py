@@ -5,6 +5,7 @@ extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
 """
 from ._backend import BackendUnavailableError
 from .cosine_topk import cosine_topk, cosine_topk_ref
+from .eca_attention import eca_attention, eca_attention_ref, spalign_loss
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
 from .spectral_token import spectral_token, spectral_token_ref
@@ -14,8 +15,11 @@ __all__ = [
     "backend_info",
     "cosine_topk",
     "cosine_topk_ref",
+    "eca_attention",
+    "eca_attention_ref",
     "lowpass_spectrum",
     "lowpass_spectrum_ref",
     "spectral_token",
     "spectral_token_ref",
+    "spalign_loss",
 ]

@@ -6,6 +6,7 @@ import torch
 
 from . import _backend
 from .cosine_topk import backend_checks as _cosine_topk_checks
+from .eca_attention import backend_checks as _eca_attention_checks
 from .lowpass_spectrum import backend_checks as _lowpass_spectrum_checks
 from .spectral_token import backend_checks as _spectral_token_checks
 
@@ -13,6 +14,7 @@ OPS = {
     "lowpass_spectrum": _lowpass_spectrum_checks,
     "spectral_token": _spectral_token_checks,
     "cosine_topk": _cosine_topk_checks,
+    "eca_attention": _eca_attention_checks,
 }
 
 

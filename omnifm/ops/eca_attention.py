@@ -1,0 +1,138 @@
+"""eca_attention: cross-attention of backbone tokens to k retrieved prototypes (ECA).
+
+    eca_attention(r, protos, wq, wk, wv) -> Z (B, L, dh)
+    Z = softmax((r Wq)(protos Wk)^T / sqrt(dh)) (protos Wv)
+
+r (B, L, d) tokens, protos (B, k, d), wq/wk/wv (d, dh). With k keys only, the logits
+are r . A with A = Wq (protos Wk)^T / sqrt(dh), a (d, k) matrix per sample: the fused
+path computes at = A^T (B, k, d) and vp = protos Wv (B, k, dh) with small matmuls
+(autograd handles them), then the core kernel reads r once and writes Z once; the
+(B, L, dh) query tensor is never formed. Gradients flow to r, protos and every weight.
+"""
+import math
+
+import torch
+
+from . import _backend
+from ._checks import check_same_device, check_same_dtype, check_tensor
+
+OP = "eca_core"
+
+
+def eca_attention_ref(r, protos, wq, wk, wv):
+    """PyTorch reference (the contract): the three projections and softmax attention."""
+    q, key, v = r @ wq, protos @ wk, protos @ wv
+    attn = torch.softmax(q @ key.transpose(1, 2) / math.sqrt(wq.shape[1]), dim=-1)
+    return attn @ v
+
+
+def eca_core_ref(r, at, vp):
+    """The rank-k core in PyTorch: softmax(r . at^T) vp."""
+    return torch.softmax(r @ at.transpose(1, 2), dim=-1) @ vp
+
+
+def _validate(r, protos, wq, wk, wv):
+    check_tensor(r, "r", ndim=3)
+    check_tensor(protos, "protos", ndim=3)
+    B, _, d = r.shape
+    if protos.shape[0] != B or protos.shape[2] != d:
+        raise ValueError(f"protos: expected (B={B}, k, d={d}), got {tuple(protos.shape)}")
+    if protos.shape[1] < 1:
+        raise ValueError("protos: needs at least one prototype (k >= 1)")
+    check_tensor(wq, "wq", shape=(d, None))
+    dh = wq.shape[1]
+    if dh < 1:
+        raise ValueError("wq: head dimension must be at least 1")
+    check_tensor(wk, "wk", shape=(d, dh))
+    check_tensor(wv, "wv", shape=(d, dh))
+    named = dict(r=r, protos=protos, wq=wq, wk=wk, wv=wv)
+    check_same_device(**named)
+    check_same_dtype(**named)
+
+
+def backend_checks(dev, dtype):
+    """{backend: () -> None | why not} for a device type and dtype."""
+    return {
+        "reference": lambda: None,
+        "ext": lambda: _backend.ext_status(OP, dev)
+        or (None if dtype in (torch.float32, torch.float64) else f"ext takes float32/float64, not {dtype}"),
+        "triton": lambda: _backend.triton_status(dev)
+        or (None if dtype != torch.float64 else "the Triton kernel takes float16/bfloat16/float32"),
+    }
+
+
+def eca_attention(r, protos, wq, wk, wv):
+    """ECA cross-attention; see module doc. Output dtype = r's dtype."""
+    _validate(r, protos, wq, wk, wv)
+    backend = _backend.choose(backend_checks(r.device.type, r.dtype), r.device.type).backend
+    if backend == "reference":
+        return eca_attention_ref(r, protos, wq, wk, wv)
+    at = (protos @ wk) @ wq.transpose(0, 1) / math.sqrt(wq.shape[1])  # (B, k, d)
+    vp = protos @ wv  # (B, k, dh)
+    if backend == "ext":
+        return torch.ops.omnifm.eca_core(r, at, vp)
+    return torch.ops.omnifm.eca_core_triton(r, at, vp)
+
+
+def spalign_loss(s, protos):
+    """SPAlign: mean over the batch of ||s - mean_k protos||^2. s (B, d), protos (B, k, d).
+
+    One fused elementwise reduction already in PyTorch: no kernel of its own.
+    """
+    check_tensor(s, "s", ndim=2)
+    check_tensor(protos, "protos", ndim=3)
+    if s.shape[0] < 1:
+        raise ValueError("s: the batch is empty")
+    if protos.shape[0] != s.shape[0] or protos.shape[2] != s.shape[1] or protos.shape[1] < 1:
+        raise ValueError(f"protos: expected (B={s.shape[0]}, k>=1, d={s.shape[1]}), got {tuple(protos.shape)}")
+    check_same_device(s=s, protos=protos)
+    return (s - protos.mean(1)).pow(2).sum(-1).mean()
+
+
+# --- registration: the core op of each fused backend, its fake and its backward.
+
+@torch.library.custom_op("omnifm::eca_core_triton", mutates_args=())
+def _eca_core_triton(r: torch.Tensor, at: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+    from .triton.eca_attention import eca_core_triton
+
+    return eca_core_triton(r, at, vp)
+
+
+@torch.library.custom_op("omnifm::eca_core_backward_triton", mutates_args=())
+def _eca_core_backward_triton(grad: torch.Tensor, r: torch.Tensor, at: torch.Tensor,
+                              vp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.eca_attention import eca_core_backward_triton
+
+    return eca_core_backward_triton(grad, r, at, vp)
+
+
+def _fake(r, at, vp):
+    return r.new_empty(r.shape[0], r.shape[1], vp.shape[2])
+
+
+def _fake_backward(grad, r, at, vp):
+    return torch.empty_like(r), torch.empty_like(at), torch.empty_like(vp)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        r, at, vp = ctx.saved_tensors
+        return backward_op(grad.contiguous(), r, at, vp)
+
+    return backward
+
+
+def _register(name, backward_name):
+    torch.library.register_fake(f"omnifm::{name}")(_fake)
+    torch.library.register_fake(f"omnifm::{backward_name}")(_fake_backward)
+    backward_op = getattr(torch.ops.omnifm, backward_name)
+    torch.library.register_autograd(f"omnifm::{name}", _make_backward(backward_op), setup_context=_setup_context)
+
+
+_register("eca_core_triton", "eca_core_backward_triton")
+if _backend.ext_status(OP, "cpu") is None:
+    _register("eca_core", "eca_core_backward")
