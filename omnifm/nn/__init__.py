@@ -1,4 +1,5 @@
 """omnifm.nn: the OmniFM modules built on omnifm.ops."""
+from .eca_fusion import ECAFusion
 from .spectral_tokenizer import SpectralTokenizer
 
-__all__ = ["SpectralTokenizer"]
+__all__ = ["ECAFusion", "SpectralTokenizer"]

@@ -1,0 +1,37 @@
+"""ECAFusion: owns the projections of omnifm.ops.eca_attention."""
+import math
+
+import torch
+from torch import nn
+
+from ..ops import eca_attention
+
+
+class ECAFusion(nn.Module):
+    """Tokens r (B, L, dim) attend to k prototypes (B, k, dim) -> Z (B, L, head_dim).
+
+    The projections are stored as (dim, head_dim) matrices, the layout of the op.
+    """
+
+    def __init__(self, dim, head_dim=None, *, device=None, dtype=None):
+        super().__init__()
+        head_dim = dim if head_dim is None else head_dim
+        for name, v in (("dim", dim), ("head_dim", head_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.wq = nn.Parameter(torch.empty(dim, head_dim, **kw))
+        self.wk = nn.Parameter(torch.empty(dim, head_dim, **kw))
+        self.wv = nn.Parameter(torch.empty(dim, head_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        bound = 1 / math.sqrt(self.wq.shape[0])  # as nn.Linear(dim, head_dim)
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, r, protos):
+        return eca_attention(r, protos, self.wq, self.wk, self.wv)
+
+    def extra_repr(self):
+        return f"dim={self.wq.shape[0]}, head_dim={self.wq.shape[1]}"

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnifm.ops import eca_attention, eca_attention_ref, spalign_loss
+from tests.helpers import FLOOR, fast_backends, forced, relerr
+
+BACKENDS = fast_backends("eca_core")
+NAMES = ("r", "protos", "wq", "wk", "wv")
+
+
+def make_inputs(B, L, d, dh, k, seed=0, dtype=torch.float64, device="cpu", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(device, dtype)
+    return [r(B, L, d), r(B, k, d), r(d, dh, sc=scale * d ** -0.5), r(d, dh, sc=scale * d ** -0.5), r(d, dh, sc=d ** -0.5)]
+
+
+def oracle(r, protos, wq, wk, wv):
+    """Independent float64 oracle: explicit per-token loops over the k keys."""
+    r, protos, wq, wk, wv = (t.detach().double().cpu() for t in (r, protos, wq, wk, wv))
+    keys, vals = protos @ wk, protos @ wv  # (B, k, dh)
+    out = torch.empty(r.shape[0], r.shape[1], wq.shape[1], dtype=torch.float64)
+    for b in range(r.shape[0]):
+        q = r[b] @ wq  # (L, dh)
+        logits = torch.stack([(q * keys[b, j]).sum(1) for j in range(keys.shape[1])], 1) / math.sqrt(wq.shape[1])
+        w = torch.exp(logits - logits.max(1, keepdim=True).values)
+        w = w / w.sum(1, keepdim=True)
+        out[b] = sum(w[:, j:j + 1] * vals[b, j] for j in range(keys.shape[1]))
+    return out
+
+
+@st.composite
+def eca_cases(draw, max_l=70):
+    return dict(B=draw(st.integers(1, 3)), L=draw(st.integers(1, max_l)), d=draw(st.integers(1, 48)),
+                dh=draw(st.integers(1, 40)), k=draw(st.integers(1, 9)), seed=draw(st.integers(0, 2**31 - 1)),
+                scale=draw(st.sampled_from([0.1, 1.0, 4.0])))
+
+
+@given(eca_cases())
+@settings(max_examples=40)
+def test_reference_matches_oracle(case):
+    inputs = make_inputs(**case)
+    assert relerr(eca_attention_ref(*inputs), oracle(*inputs)) < 1e-12
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(case=eca_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=25)
+def test_fast_matches_reference(backend, device, case, dtype):
+    if backend == "triton":
+        dtype = torch.float32
+    inputs64 = make_inputs(**case, device=device)
+    inputs = [t.to(dtype) for t in inputs64]
+    with forced(backend):
+        out = eca_attention(*inputs)
+    assert out.dtype == dtype and out.shape == (case["B"], case["L"], case["dh"])
+    ref64 = eca_attention_ref(*inputs64)
+    bound = 3 * relerr(eca_attention_ref(*inputs), ref64) + FLOOR[dtype] * 10
+    assert relerr(out, ref64) <= bound
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(case=eca_cases(max_l=40))
+@settings(max_examples=12)
+def test_fast_backward_matches_reference(backend, device, case):
+    dtype = torch.float64 if backend == "ext" else torch.float32
+    base = make_inputs(**case, device=device)
+    fast = [t.to(dtype).clone().requires_grad_() for t in base]
+    ref = [t.clone().requires_grad_() for t in base]
+    with forced(backend):
+        out = eca_attention(*fast)
+    g = torch.randn(out.shape, dtype=torch.float64, device=device)
+    out.backward(g.to(dtype))
+    eca_attention_ref(*ref).backward(g)
+    bound = 1e-9 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(NAMES, fast, ref):
+        if b.grad.norm() > 1e-8 * g.norm():
+            assert relerr(a.grad, b.grad) < bound, name
+        else:  # zero up to roundoff, e.g. k=1 (softmax of one key is constant)
+            assert a.grad.double().norm() < 1e-5 * g.norm(), name
+
+
+def test_gradcheck_reference():
+    inputs = [t.requires_grad_() for t in make_inputs(2, 5, 4, 3, 3)]
+    assert torch.autograd.gradcheck(eca_attention_ref, inputs)
+
+
+def test_gradcheck_ext():
+    if "ext" not in dict(BACKENDS):
+        pytest.skip("ext not available here")
+    inputs = [t.requires_grad_() for t in make_inputs(2, 7, 5, 4, 3, seed=1)]
+    with forced("ext"):
+        assert torch.autograd.gradcheck(eca_attention, inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_gpu(dtype):
+    inputs = make_inputs(4, 3136, 256, 256, 2, dtype=torch.float32, device="cuda")
+    low = [t.to(dtype) for t in inputs]
+    with forced("triton"):
+        out = eca_attention(*low)
+    ref64 = eca_attention_ref(*[t.double() for t in inputs])
+    assert relerr(out, ref64) <= 2 * relerr(eca_attention_ref(*low), ref64) + 1e-3
+
+
+@pytest.mark.parametrize("qualname", ["omnifm::eca_core", "omnifm::eca_core_triton"])
+def test_opcheck(qualname):
+    backend = "triton" if qualname.endswith("triton") else "ext"
+    if backend not in dict(BACKENDS):
+        pytest.skip(f"{backend} not available here")
+    device = dict(BACKENDS)[backend]
+    g = torch.Generator().manual_seed(0)
+    r, at, vp = (torch.randn(*s, generator=g).to(device).requires_grad_() for s in ((2, 19, 12), (2, 3, 12), (2, 3, 8)))
+    torch.library.opcheck(getattr(torch.ops.omnifm, qualname.split("::")[1]), (r, at, vp))
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext", "triton"])
+def test_torch_compile_fullgraph(backend):
+    if backend != "reference" and backend not in dict(BACKENDS):
+        pytest.skip(f"{backend} not available here")
+    inputs = [t.float().requires_grad_() for t in make_inputs(2, 9, 8, 6, 2)]
+    with forced(backend):
+        eager = eca_attention(*inputs)
+        out = torch.compile(eca_attention, fullgraph=True, backend="aot_eager")(*inputs)
+        out.sum().backward()
+    assert relerr(out, eager) < 1e-6
+    assert all(t.grad is not None for t in inputs)
+
+
+def test_spalign_loss_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    s, protos = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    want = sum(((s[b] - protos[b].mean(0)) ** 2).sum() for b in range(5)) / 5
+    assert abs(spalign_loss(s, protos).item() - want.item()) < 1e-12
+    s.requires_grad_()
+    protos.requires_grad_()
+    assert torch.autograd.gradcheck(spalign_loss, (s, protos))
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext", "triton"])
+def test_errors_name_the_argument(backend):
+    if backend != "reference" and backend not in dict(BACKENDS):
+        pytest.skip(f"{backend} not available here")
+    r, protos, wq, wk, wv = make_inputs(2, 5, 8, 6, 3, dtype=torch.float32)
+    cases = [
+        (lambda: eca_attention(r[0], protos, wq, wk, wv), ValueError, "r"),
+        (lambda: eca_attention(r.long(), protos, wq, wk, wv), TypeError, "r"),
+        (lambda: eca_attention(r, protos[:1], wq, wk, wv), ValueError, "protos"),
+        (lambda: eca_attention(r, protos[:, :0], wq, wk, wv), ValueError, "protos"),
+        (lambda: eca_attention(r, protos[..., :4], wq, wk, wv), ValueError, "protos"),
+        (lambda: eca_attention(r, protos, wq[:4], wk, wv), ValueError, "wq"),
+        (lambda: eca_attention(r, protos, wq, wk[:, :5], wv), ValueError, "wk"),
+        (lambda: eca_attention(r, protos, wq, wk, wv.T), ValueError, "wv"),
+        (lambda: eca_attention(r, protos, wq, wk, wv.double()), TypeError, "wv"),
+        (lambda: eca_attention(r, protos, wq, wk.to("meta"), wv), ValueError, "wk"),
+        (lambda: spalign_loss(r[:, 0], protos[:1]), ValueError, "protos"),
+        (lambda: spalign_loss(r[:0, 0], protos[:0]), ValueError, "s"),
+        (lambda: spalign_loss(r, protos), ValueError, "s"),
+    ]
+    with forced(backend):
+        for fn, exc, name in cases:
+            with pytest.raises(exc, match=rf"^{name}:"):
+                fn()
