@@ -1,6 +1,5 @@
 // Python module omnifm_ext._C: loading it registers the ops above with the
 // dispatcher; pybind11 carries only the build metadata.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #ifndef OMNIFM_VERSION
@@ -28,8 +27,8 @@ PYBIND11_MODULE(_C, m) {
 #else
     info["cuda"] = false;
 #endif
-    info["parallel_backend"] = at::get_parallel_info();
-    info["cpu_ops"] = std::vector<std::string>{"lowpass_spectrum", "spectral_token"};
+    info["cpu_ops"] = std::vector<std::string>{"lowpass_spectrum", "spectral_token", "cosine_topk", "eca_core",
+                                               "eca_core_backward"};
     return info;
   });
 }

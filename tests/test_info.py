@@ -17,19 +17,20 @@ def test_extension_is_built():
         pytest.skip("OMNIFM_ALLOW_NO_EXT=1")
     assert omnifm_ext.AVAILABLE, omnifm_ext.LOAD_ERROR
     info = omnifm_ext.build_info()
-    assert {"lowpass_spectrum", "spectral_token"} <= set(info["cpu_ops"])
+    assert {"lowpass_spectrum", "spectral_token", "cosine_topk", "eca_core"} <= set(info["cpu_ops"])
 
 
 def test_backend_info_reports_every_op_and_device():
     info = backend_info()
-    for op in ("lowpass_spectrum", "spectral_token"):
+    assert set(info["ops"]) == {"lowpass_spectrum", "spectral_token", "cosine_topk", "eca_attention"}
+    for op in info["ops"]:
         for dev in ("cpu", "cuda"):
             choice = info["ops"][op][dev]
             others = {"reference", "ext", "triton"} - {choice["backend"]}
             assert others <= set(choice["skipped"]), (op, dev, choice)
             assert all(isinstance(why, str) and why for why in choice["skipped"].values())
     if omnifm_ext.AVAILABLE:
-        assert info["ops"]["spectral_token"]["cpu"]["backend"] == "ext"
+        assert all(info["ops"][op]["cpu"]["backend"] == "ext" for op in info["ops"])
 
 
 def run(code_or_args, env_extra=None, module=False):
