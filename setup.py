@@ -48,7 +48,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "triton>=3.6"],
-        "bench": ["triton>=3.6"],
+        "bench": ["triton>=3.6", "faiss-cpu"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
