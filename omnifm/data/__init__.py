@@ -1,0 +1,1 @@
+"""Data: the synthetic cross-modality generator and the MedMNIST .npz loader."""

@@ -1,0 +1,239 @@
+"""In-process federated simulation: one process, clients run in turn, identical results
+for a fixed seed. Writes one JSON line per round, and after every round an atomic
+checkpoint from which `resume=True` continues to exactly the metrics of an
+uninterrupted run."""
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from ..tasks import classification as task
+from .bank import KnowledgeBank
+from .client import Client, load_state, split_state
+from .federation_data import medmnist_federation, synthetic_federation
+from .partition import sample_participants
+from .strategies import make_strategy
+
+
+@dataclasses.dataclass
+class FLConfig:
+    strategy: str = "omnifm"
+    data: str = "synthetic"  # or "medmnist" (with data_root)
+    data_root: str | None = None
+    scenario: str = "extra"  # hard | medium | extra
+    clients: int = 10
+    participation: float = 0.2
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    samples_per_client: int = 120
+    image_size: int = 32
+    width: float = 0.25  # ResNet-18 widen factor
+    share_bn_stats: bool = False  # default FedBN-style: BN running statistics stay local
+    lam: float = 0.1  # SPAlign weight (0 = the no-SPAlign ablation)
+    topk: int = 2
+    gskr: bool = True
+    eca: bool = True
+    psp: bool = True
+    bank_capacity: int = 256
+    bank_rho: float = 1.0
+    bank_delta: float = 0.01
+
+
+@dataclasses.dataclass
+class RoundContext:
+    round: int
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss_fn: object
+    bank: torch.Tensor | None
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return 0
+
+
+def validate_update(update, global_state, dim=None):
+    """None if the update is usable, else why it is rejected."""
+    if set(update.weights) != set(global_state):
+        return "its tensors do not match the shared state"
+    for k, ref in global_state.items():
+        w = update.weights[k]
+        if w.shape != ref.shape or w.dtype != ref.dtype:
+            return f"{k} has shape {tuple(w.shape)}/{w.dtype}, expected {tuple(ref.shape)}/{ref.dtype}"
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            return f"{k} is not finite"
+    if update.bank_upload is not None and (update.bank_upload.dim() != 2 or update.bank_upload.shape[1] != dim
+                                           or not torch.isfinite(update.bank_upload).all()):
+        return "its bank upload is malformed or not finite"
+    if not (update.n_samples > 0):
+        return "it reports no samples"
+    return None
+
+
+class Simulation:
+    def __init__(self, cfg, out_dir=None, *, progress=True, log=print):
+        self.cfg, self.out_dir, self.progress, self.log = cfg, out_dir, progress, log
+        torch.manual_seed(cfg.seed)
+        if cfg.data == "synthetic":
+            parts, self.n_classes = synthetic_federation(cfg.clients, cfg.scenario, samples_per_client=cfg.samples_per_client,
+                                                         image_size=cfg.image_size, seed=cfg.seed)
+        elif cfg.data == "medmnist":
+            if not cfg.data_root:
+                raise ValueError("data_root: required with data='medmnist'")
+            parts, self.n_classes = medmnist_federation(cfg.data_root, cfg.clients, cfg.scenario, seed=cfg.seed,
+                                                        max_per_client=cfg.samples_per_client)
+        else:
+            raise ValueError(f"data: expected 'synthetic' or 'medmnist', got {cfg.data!r}")
+        omnifm = cfg.strategy == "omnifm"
+        adapter = dict(topk=cfg.topk, gskr=cfg.gskr, eca=cfg.eca, psp=cfg.psp,
+                       size=min(8, cfg.image_size))
+        self.model = task.build_model(self.n_classes, omnifm=omnifm, width=cfg.width, adapter_kwargs=adapter)
+        self.strategy = make_strategy(cfg.strategy, head_prefix=task.HEAD_PREFIX, share_bn_stats=cfg.share_bn_stats,
+                                      lam=cfg.lam)
+        self.global_state, local = split_state(self.model, self.strategy.is_shared)
+        self.clients = [Client(k, tx, ty, vx, vy, {n: t.clone() for n, t in local.items()}, modality=m)
+                        for k, (m, tx, ty, vx, vy) in enumerate(parts)]
+        self.dim = int(256 * cfg.width)
+        self.bank = KnowledgeBank(self.dim, capacity=cfg.bank_capacity, rho=cfg.bank_rho, delta=cfg.bank_delta) \
+            if self.strategy.uses_bank else None
+        self.history, self.next_round = [], 0
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self):
+        return {"config": dataclasses.asdict(self.cfg), "next_round": self.next_round, "global": self.global_state,
+                "strategy": self.strategy.state_dict(), "bank": self.bank.state_dict() if self.bank else None,
+                "clients": [{"local": c.local_state, "extra": c.extra} for c in self.clients],
+                "history": self.history}
+
+    def load_state_dict(self, state):
+        saved = dict(state["config"])
+        mine = dataclasses.asdict(self.cfg)
+        diff = {k for k in mine if k != "rounds" and saved.get(k) != mine[k]}
+        if diff:
+            raise ValueError(f"resume: the checkpoint was made with different settings: {sorted(diff)}")
+        self.next_round, self.global_state, self.history = state["next_round"], state["global"], state["history"]
+        self.strategy.load_state_dict(state["strategy"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+        for c, s in zip(self.clients, state["clients"]):
+            c.local_state, c.extra = s["local"], s["extra"]
+
+    def checkpoint(self):
+        """Atomic: write a temporary file, then rename over the old checkpoint."""
+        path = os.path.join(self.out_dir, "checkpoint.pt")
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self):
+        path = os.path.join(self.out_dir, "checkpoint.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+    # -- rounds ---------------------------------------------------------------
+    def context(self, round_idx, cid):
+        bank = self.bank.entries if self.bank is not None else None
+        return RoundContext(round_idx, self.cfg.seed * 100_003 + round_idx * 1009 + cid, self.cfg.local_epochs,
+                            self.cfg.batch_size, self.cfg.lr, task.loss_fn, bank)
+
+    def seed_bank(self):
+        """Round 0 seeding: every client uploads prototypes from the initial tokenizer."""
+        from .strategies import prototypes
+
+        uploads = {}
+        for c in self.clients:
+            load_state(self.model, self.global_state, c.local_state)
+            uploads[c.cid] = prototypes(self.model, c)
+        self.bank.seed(uploads)
+
+    def run_round(self, r):
+        t0 = time.perf_counter()
+        participants = sample_participants(self.cfg.clients, self.cfg.participation, r, seed=self.cfg.seed)
+        down = tensor_bytes(self.global_state) + (tensor_bytes(self.bank.entries) if self.bank else 0)
+        updates, rejected, up = [], [], 0
+        for cid in participants:
+            client = self.clients[cid]
+            try:
+                update = self.strategy.client_train(client, self.model, self.global_state, self.context(r, cid))
+            except Exception as exc:  # a failing client must not stop the federation
+                rejected.append(cid)
+                self.log(f"round {r}: client {cid} failed ({type(exc).__name__}: {exc}); skipped")
+                continue
+            why = validate_update(update, self.global_state, self.dim)
+            if why is not None:
+                rejected.append(cid)
+                self.log(f"round {r}: update of client {cid} rejected: {why}")
+                continue
+            up += tensor_bytes(update.weights) + tensor_bytes(update.extra) + tensor_bytes(update.bank_upload)
+            updates.append(update)
+        if updates:
+            self.global_state = self.strategy.aggregate(self.global_state, updates, self.cfg.clients)
+            if self.bank is not None:
+                self.bank.record({u.client: u.retrieval_counts for u in updates})
+                self.bank.prune()
+                self.bank.insert({u.client: u.bank_upload for u in updates})
+                self.bank.end_round()
+        acc, f1 = self.evaluate()
+        row = {"round": r + 1, "accuracy": acc, "f1": f1,
+               "loss": sum(u.loss for u in updates) / len(updates) if updates else float("nan"),
+               "seconds": time.perf_counter() - t0, "bytes_up": up, "bytes_down": down * len(participants),
+               "clients": participants, "rejected": rejected}
+        if self.bank is not None:
+            row["bank_size"] = len(self.bank)
+        return row
+
+    def evaluate(self):
+        """Personalised: each client's model on its own held-out split, sample-weighted."""
+        accs, f1s, ns = [], [], []
+        for c in self.clients:
+            load_state(self.model, *self.strategy.eval_state(c, self.global_state))
+            if self.bank is not None:
+                self.model.set_bank(self.bank.entries)
+            acc, f1, _ = task.evaluate(self.model, c.test_x, c.test_y, self.n_classes)
+            accs.append(acc), f1s.append(f1), ns.append(len(c.test_y))
+        n = sum(ns)
+        return sum(a * k for a, k in zip(accs, ns)) / n, sum(f * k for f, k in zip(f1s, ns)) / n
+
+    def run(self, resume=False):
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if resume:
+            self.resume()
+        elif self.bank is not None:
+            self.seed_bank()
+        rounds = range(self.next_round, self.cfg.rounds)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.rounds, initial=self.next_round, desc=self.cfg.strategy, unit="round")
+        metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if self.out_dir else None
+        if metrics_path:  # the checkpoint's history is authoritative (a resume rewrites the file)
+            with open(metrics_path, "w") as fh:
+                fh.writelines(json.dumps(row) + "\n" for row in self.history)
+        for r in rounds:
+            row = self.run_round(r)
+            self.history.append(row)
+            self.next_round = r + 1
+            if metrics_path:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                self.checkpoint()
+            if bar is not None:
+                bar.set_postfix(acc=f"{row['accuracy']:.3f}", f1=f"{row['f1']:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return self.history

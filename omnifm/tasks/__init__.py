@@ -1,0 +1,1 @@
+"""The medical-imaging tasks of OmniFM (classification so far)."""
