@@ -44,7 +44,9 @@ setup(
     description="OmniFM: modality- and task-agnostic federated learning for medical imaging, with fused ops",
     packages=find_packages(include=["omnifm", "omnifm.*", "omnifm_ext"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "monai>=1.3"],
+    # medmnist is not listed: it declares torchvision (a multi-GB CUDA build from PyPI)
+    # though its dataset code never imports it; install it with --no-deps (README).
+    install_requires=["torch>=2.4", "numpy", "monai>=1.3", "tqdm", "matplotlib", "Pillow", "pandas", "scikit-learn"],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "triton>=3.6"],

@@ -1,4 +1,5 @@
-"""Command line: `omnifm info` (versions and backends), `omnifm bench <op>`."""
+"""Command line: `omnifm train` (a federation), `omnifm info` (versions and backends),
+`omnifm bench <op>`."""
 import argparse
 import json
 import os
@@ -41,15 +42,90 @@ def _bench_dir():
     raise SystemExit("omnifm bench: run from a source checkout (bench/ not found)")
 
 
+def _add_train_args(p):
+    from omnifm.fl import FLConfig
+
+    d = FLConfig()
+    p.add_argument("--task", default="classification", choices=["classification"])
+    p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare")
+    p.add_argument("--data", default=d.data, choices=["synthetic", "medmnist"])
+    p.add_argument("--data-root", default=None, help="folder with pathmnist.npz, dermamnist.npz, bloodmnist.npz")
+    p.add_argument("--scenario", default=d.scenario, choices=["hard", "medium", "extra"])
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--participation", type=float, default=d.participation)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--samples-per-client", type=int, default=d.samples_per_client)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--width", type=float, default=d.width, help="ResNet-18 widen factor")
+    p.add_argument("--share-bn-stats", action="store_true", help="also average BN running statistics")
+    p.add_argument("--lam", type=float, default=d.lam, help="SPAlign weight (0: no-SPAlign ablation)")
+    p.add_argument("--topk", type=int, default=d.topk)
+    p.add_argument("--no-gskr", dest="gskr", action="store_false", help="ablation: mean bank embedding")
+    p.add_argument("--no-eca", dest="eca", action="store_false", help="ablation: FiLM instead of ECA")
+    p.add_argument("--no-psp", dest="psp", action="store_false", help="ablation: no suffix prompts")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run(s) saved in DIR")
+
+
+def _train(args):
+    import dataclasses
+
+    from omnifm.fl import STRATEGIES, FLConfig, Simulation
+    from omnifm.fl.report import plot_curves, table
+
+    out = args.resume or args.out
+    config_path = os.path.join(out, "config.json")
+    if args.resume:
+        if not os.path.exists(config_path):
+            raise SystemExit(f"omnifm train: --resume {out}: no config.json there")
+        with open(config_path) as fh:
+            saved = json.load(fh)
+        strategies, base = saved.pop("strategies"), FLConfig(**saved)
+        if "--rounds" in sys.argv:
+            base = dataclasses.replace(base, rounds=args.rounds)
+    else:
+        strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown:
+            raise SystemExit(f"omnifm train: unknown strategy {unknown}; choose from {sorted(STRATEGIES)}")
+        fields = {f.name for f in dataclasses.fields(FLConfig)}
+        base = FLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        os.makedirs(out, exist_ok=True)
+        with open(config_path, "w") as fh:
+            json.dump({**dataclasses.asdict(base), "strategies": strategies}, fh, indent=2)
+    results = {}
+    for name in strategies:
+        cfg = dataclasses.replace(base, strategy=name)
+        sim = Simulation(cfg, os.path.join(out, name))
+        results[name] = sim.run(resume=bool(args.resume))
+    text = table(results, f"{base.data} / {base.scenario}: {base.clients} clients, "
+                          f"{base.participation:.0%} participation, {base.rounds} rounds, seed {base.seed}")
+    print("\n" + text)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    plot_curves(results, os.path.join(out, "curves.png"))
+    print(f"\nmetrics: {out}/<strategy>/metrics.jsonl   curves: {out}/curves.png   table: {out}/results.md")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="omnifm", description="OmniFM federated learning with fused ops")
     sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a federation (in-process simulation)")
+    _add_train_args(train)
     info = sub.add_parser("info", help="versions, extension build, backend of every op")
     info.add_argument("--json", action="store_true")
     bench = sub.add_parser("bench", help="run bench/bench_<name>.py (extra args are passed on)")
     bench.add_argument("name", help="e.g. spectral")
     args, rest = p.parse_known_args(argv)
-    if args.command == "info":
+    if args.command == "train":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        _train(args)
+    elif args.command == "info":
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         _print_info(args.json)

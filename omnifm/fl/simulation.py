@@ -26,11 +26,11 @@ class FLConfig:
     clients: int = 10
     participation: float = 0.2
     rounds: int = 20
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.01
     seed: int = 0
-    samples_per_client: int = 120
+    samples_per_client: int = 160
     image_size: int = 32
     width: float = 0.25  # ResNet-18 widen factor
     share_bn_stats: bool = False  # default FedBN-style: BN running statistics stay local
@@ -201,6 +201,7 @@ class Simulation:
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
+            task.recalibrate_bn(self.model, c.train_x)
             acc, f1, _ = task.evaluate(self.model, c.test_x, c.test_y, self.n_classes)
             accs.append(acc), f1s.append(f1), ns.append(len(c.test_y))
         n = sum(ns)

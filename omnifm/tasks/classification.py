@@ -52,6 +52,25 @@ def loss_fn(logits, labels):
 
 
 @torch.no_grad()
+def recalibrate_bn(model, images, batch_size=256):
+    """Re-estimate BatchNorm running statistics on `images` (the client's own training
+    data) for the weights now loaded: with BN statistics kept local and partial
+    participation, a client's stored statistics belong to older weights."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(images[i:i + batch_size])
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+
+
+@torch.no_grad()
 def evaluate(model, images, labels, n_classes, batch_size=256):
     """(accuracy, macro-F1, loss) of model on one client's held-out split."""
     model.eval()
