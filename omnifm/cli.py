@@ -53,7 +53,7 @@ def _add_train_args(p):
     p.add_argument("--scenario", default=d.scenario, choices=["hard", "medium", "extra"])
     p.add_argument("--clients", type=int, default=d.clients)
     p.add_argument("--participation", type=float, default=d.participation)
-    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds} (with --resume: as saved)")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -85,7 +85,7 @@ def _train(args):
         with open(config_path) as fh:
             saved = json.load(fh)
         strategies, base = saved.pop("strategies"), FLConfig(**saved)
-        if "--rounds" in sys.argv:
+        if args.rounds is not None:
             base = dataclasses.replace(base, rounds=args.rounds)
     else:
         strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
@@ -93,7 +93,7 @@ def _train(args):
         if unknown:
             raise SystemExit(f"omnifm train: unknown strategy {unknown}; choose from {sorted(STRATEGIES)}")
         fields = {f.name for f in dataclasses.fields(FLConfig)}
-        base = FLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        base = FLConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
         os.makedirs(out, exist_ok=True)
         with open(config_path, "w") as fh:
             json.dump({**dataclasses.asdict(base), "strategies": strategies}, fh, indent=2)
