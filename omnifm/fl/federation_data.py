@@ -57,12 +57,11 @@ def medmnist_federation(root, n_clients, scenario, *, seed=0, max_per_client=Non
     x, y, mods = torch.cat([x1, x2]), torch.cat([y1, y2]), torch.cat([m1, m2])
     n_classes = len(names)
     if scenario == "extra":
-        groups = [torch.nonzero(mods == (k % int(mods.max() + 1))).flatten() for k in range(n_clients)]
-        # Clients sharing a modality split its samples.
+        n_mod = int(mods.max()) + 1
         parts = []
-        for k, idx in enumerate(groups):
-            same = [j for j in range(n_clients) if j % int(mods.max() + 1) == k % int(mods.max() + 1)]
-            parts.append(idx[same.index(k)::len(same)])
+        for k in range(n_clients):  # clients that share a modality split its samples
+            peers = list(range(k % n_mod, n_clients, n_mod))
+            parts.append(torch.nonzero(mods == k % n_mod).flatten()[peers.index(k)::len(peers)])
     else:
         parts = [torch.from_numpy(p) for p in
                  dirichlet_label_skew(y.numpy(), n_clients, SCENARIOS[scenario], seed=seed, min_size=10)]
