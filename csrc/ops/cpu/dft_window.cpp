@@ -1,5 +1,7 @@
 #include "dft_window.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <vector>
 
@@ -48,12 +50,18 @@ HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarTyp
   return {rows.to(dtype), cols_t.t().contiguous().to(dtype), nr, nc};
 }
 
-at::Tensor window_magnitude(const at::Tensor& x_s, const HalfWindowBases& b, int64_t K) {
-  const int64_t C = x_s.size(0), H = x_s.size(1), W = x_s.size(2);
+int64_t samples_per_task(int64_t B, int64_t bytes_per_sample) {
+  const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, bytes_per_sample));
+  const int64_t by_threads = std::max<int64_t>(1, B / (2 * at::get_num_threads()));
+  return std::max<int64_t>(1, std::min(by_cache, by_threads));
+}
+
+at::Tensor window_magnitude(const at::Tensor& planes, const HalfWindowBases& b, int64_t K) {
+  const int64_t C = planes.size(0), H = planes.size(1), W = planes.size(2);
   const int64_t nr = b.nr, nc = b.nc, half = K / 2;
-  // Stage 1 reads x once: (C*H, W) @ (W, 2*nc).
-  at::Tensor y = at::mm(x_s.reshape({C * H, W}), b.cols).view({C, H, 2 * nc});
-  // Stage 2: (2*nr, H) @ (H, 2*nc) per channel.
+  // Stage 1 reads the planes once: (C*H, W) @ (W, 2*nc).
+  at::Tensor y = at::mm(planes.reshape({C * H, W}), b.cols).view({C, H, 2 * nc});
+  // Stage 2: (2*nr, H) @ (H, 2*nc) per plane.
   at::Tensor z = at::matmul(b.rows, y);
   using at::indexing::Slice;
   at::Tensor ch_p = z.index({Slice(), Slice(0, nr), Slice(0, nc)});

@@ -17,8 +17,12 @@ struct HalfWindowBases {
 
 HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarType dtype);
 
-// x_s: (C, H, W) one sample -> (C, K, K) magnitude of the centred window.
-at::Tensor window_magnitude(const at::Tensor& x_s, const HalfWindowBases& bases, int64_t K);
+// planes: (N, H, W) -> (N, K, K) magnitude of the centred window of each plane.
+at::Tensor window_magnitude(const at::Tensor& planes, const HalfWindowBases& bases, int64_t K);
+
+// Samples per parallel task: enough that per-call overheads amortise on small images,
+// few enough that a task's data stays in cache and every thread gets work.
+int64_t samples_per_task(int64_t B, int64_t bytes_per_sample);
 
 }  // namespace cpu
 }  // namespace omnifm

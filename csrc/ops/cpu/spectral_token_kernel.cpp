@@ -1,6 +1,6 @@
 // CPU kernel: the whole spectral token per sample (window DFT, log1p, FreqMix, MLP,
-// pooling, L2 normalisation). Each task keeps one sample's intermediates in cache and
-// writes only its (d,) row.
+// pooling, L2 normalisation). Each task takes a chunk of samples, keeps their
+// intermediates in cache and writes only their (d,) rows.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -35,17 +35,22 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
   const at::Tensor w1_t = w1.t().contiguous();
   const at::Tensor w2_t = w2.t().contiguous();
   const double eps = 1e-12;  // as torch.nn.functional.normalize
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      // (C, K, K) -> K*K frequency bins with C channel values each.
-      at::Tensor s = at::log1p(window_magnitude(x.select(0, b), bases, size))
-                         .reshape({C, size * size})
-                         .t();
-      at::Tensor f = at::addmm(freq_embed, s, mix_t);
+  const int64_t chunk = samples_per_task(B, C * H * W * x.element_size());
+  const int64_t tasks = (B + chunk - 1) / chunk;
+  const int64_t bins = size * size;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * chunk, nb = std::min(chunk, B - b0);
+      // (nb, C, K, K) -> nb * K*K frequency bins with C channel values each.
+      at::Tensor s = at::log1p(window_magnitude(x.narrow(0, b0, nb).reshape({nb * C, H, W}), bases, size))
+                         .view({nb, C, bins})
+                         .transpose(1, 2)
+                         .reshape({nb * bins, C});
+      at::Tensor f = at::mm(s, mix_t).view({nb, bins, m}).add_(freq_embed).view({nb * bins, m});
       at::Tensor a1 = at::gelu(at::addmm(b1, f, w1_t));
       at::Tensor a2 = at::gelu(at::addmm(b2, a1, w2_t));
-      at::Tensor pooled = a2.mean(0);
-      out.select(0, b).copy_(pooled / pooled.norm().clamp_min(eps));
+      at::Tensor pooled = a2.view({nb, bins, d}).mean(1);
+      out.narrow(0, b0, nb).copy_(pooled / pooled.norm(2, 1, true).clamp_min(eps));
     }
   });
   return out;
