@@ -99,8 +99,9 @@ class Simulation:
         adapter = dict(topk=cfg.topk, gskr=cfg.gskr, eca=cfg.eca, psp=cfg.psp,
                        size=min(8, cfg.image_size))
         self.model = task.build_model(self.n_classes, omnifm=omnifm, width=cfg.width, adapter_kwargs=adapter)
+        hp = {"lam": cfg.lam} if omnifm else {}  # SPAlign weight; other strategies keep their defaults
         self.strategy = make_strategy(cfg.strategy, head_prefix=task.HEAD_PREFIX, share_bn_stats=cfg.share_bn_stats,
-                                      lam=cfg.lam)
+                                      **hp)
         self.global_state, local = split_state(self.model, self.strategy.is_shared)
         self.clients = [Client(k, tx, ty, vx, vy, {n: t.clone() for n, t in local.items()}, modality=m)
                         for k, (m, tx, ty, vx, vy) in enumerate(parts)]

@@ -349,8 +349,7 @@ class OmniFM(FedAvg):
         return lambda x, y: ctx.loss_fn(model(x), y) + lam * model.alignment_loss()
 
     def client_train(self, client, model, global_state, ctx):
-        load_state(model, global_state, client.local_state)
-        model.set_bank(ctx.bank)
+        model.set_bank(ctx.bank)  # the bank is a non-persistent buffer: loading states keeps it
         update = super().client_train(client, model, global_state, ctx)
         update.retrieval_counts = model.retrieval_counts.clone()
         update.bank_upload = prototypes(model, client)
