@@ -5,9 +5,10 @@ extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
 """
 from ._backend import BackendUnavailableError
 from .cosine_topk import cosine_topk, cosine_topk_ref
-from .eca_attention import eca_attention, eca_attention_ref, spalign_loss
+from .eca_attention import eca_attention, eca_attention_ref
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
+from .spalign_loss import spalign_loss
 from .spectral_token import spectral_token, spectral_token_ref
 
 __all__ = [

@@ -74,21 +74,6 @@ def eca_attention(r, protos, wq, wk, wv):
     return torch.ops.omnifm.eca_core_triton(r, at, vp)
 
 
-def spalign_loss(s, protos):
-    """SPAlign: mean over the batch of ||s - mean_k protos||^2. s (B, d), protos (B, k, d).
-
-    One fused elementwise reduction already in PyTorch: no kernel of its own.
-    """
-    check_tensor(s, "s", ndim=2)
-    check_tensor(protos, "protos", ndim=3)
-    if s.shape[0] < 1:
-        raise ValueError("s: the batch is empty")
-    if protos.shape[0] != s.shape[0] or protos.shape[2] != s.shape[1] or protos.shape[1] < 1:
-        raise ValueError(f"protos: expected (B={s.shape[0]}, k>=1, d={s.shape[1]}), got {tuple(protos.shape)}")
-    check_same_device(s=s, protos=protos)
-    return (s - protos.mean(1)).pow(2).sum(-1).mean()
-
-
 # --- registration: the core op of each fused backend, its fake and its backward.
 
 @torch.library.custom_op("omnifm::eca_core_triton", mutates_args=())
