@@ -116,6 +116,9 @@ def test_opcheck(qualname):
     g = torch.Generator().manual_seed(0)
     r, at, vp = (torch.randn(*s, generator=g).to(device).requires_grad_() for s in ((2, 19, 12), (2, 3, 12), (2, 3, 8)))
     torch.library.opcheck(getattr(torch.ops.omnifm, qualname.split("::")[1]), (r, at, vp))
+    backward = getattr(torch.ops.omnifm, qualname.split("::")[1].replace("eca_core", "eca_core_backward"))
+    grad = torch.randn(2, 19, 8, generator=g).to(device)
+    torch.library.opcheck(backward, (grad, r.detach(), at.detach(), vp.detach()))
 
 
 @pytest.mark.parametrize("backend", ["reference", "ext", "triton"])
