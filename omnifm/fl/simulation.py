@@ -63,7 +63,7 @@ def tensor_bytes(obj):
     return 0
 
 
-def validate_update(update, global_state, dim=None):
+def validate_update(update, global_state, dim=None, bank_size=None):
     """None if the update is usable, else why it is rejected."""
     if set(update.weights) != set(global_state):
         return "its tensors do not match the shared state"
@@ -76,6 +76,9 @@ def validate_update(update, global_state, dim=None):
     if update.bank_upload is not None and (update.bank_upload.dim() != 2 or update.bank_upload.shape[1] != dim
                                            or not torch.isfinite(update.bank_upload).all()):
         return "its bank upload is malformed or not finite"
+    if update.retrieval_counts is not None and (bank_size is None or update.retrieval_counts.shape != (bank_size,)
+                                                or (update.retrieval_counts < 0).any()):
+        return "its retrieval counts do not match the bank it was sent"
     if not (update.n_samples > 0):
         return "it reports no samples"
     return None
@@ -172,7 +175,7 @@ class Simulation:
                 rejected.append(cid)
                 self.log(f"round {r}: client {cid} failed ({type(exc).__name__}: {exc}); skipped")
                 continue
-            why = validate_update(update, self.global_state, self.dim)
+            why = validate_update(update, self.global_state, self.dim, len(self.bank) if self.bank else None)
             if why is not None:
                 rejected.append(cid)
                 self.log(f"round {r}: update of client {cid} rejected: {why}")

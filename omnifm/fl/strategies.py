@@ -122,10 +122,12 @@ class FedRep(FedPer):
         for frozen, trained, epochs in ((body, head, self.hp.get("head_epochs", 2)), (head, body, ctx.epochs)):
             for p in frozen:
                 p.requires_grad_(False)
-            loss, steps = sgd(model, client, params=trained, epochs=epochs, batch_size=ctx.batch_size, lr=ctx.lr,
-                              seed=ctx.seed + epochs, loss_of=loss_of)
-            for p in frozen:
-                p.requires_grad_(True)
+            try:
+                loss, steps = sgd(model, client, params=trained, epochs=epochs, batch_size=ctx.batch_size, lr=ctx.lr,
+                                  seed=ctx.seed + epochs, loss_of=loss_of)
+            finally:  # the model object is shared by every client: never leave it frozen
+                for p in frozen:
+                    p.requires_grad_(True)
         return self.finish(client, model, global_state, ctx, loss, steps)
 
 

@@ -72,6 +72,31 @@ def test_corrupt_updates_never_touch_the_server_state():
     assert all(torch.equal(before[k], v) for k, v in sim.global_state.items())
 
 
+def test_bad_bank_payloads_are_rejected():
+    from omnifm.fl.strategies import OmniFM
+
+    class BadCounts(OmniFM):
+        def client_train(self, client, model, global_state, ctx):
+            update = super().client_train(client, model, global_state, ctx)
+            if client.cid % 2 == 0:
+                update.retrieval_counts = update.retrieval_counts[:-1]
+            else:
+                update.bank_upload = update.bank_upload[:, :3]
+            return update
+
+    logs = []
+    sim = Simulation(FLConfig(strategy="omnifm", rounds=1, **{**TINY, "participation": 0.67}), progress=False,
+                     log=logs.append)
+    sim.strategy = BadCounts(head_prefix="backbone.fc.")
+    sim.seed_bank()
+    bank_before = sim.bank.state_dict()
+    row = sim.run_round(0)
+    assert row["rejected"] == row["clients"] and len(logs) == 2
+    for cid, line in zip(row["clients"], logs):
+        assert ("retrieval counts" if cid % 2 == 0 else "bank upload") in line
+    assert all(torch.equal(bank_before[k], v) for k, v in sim.bank.state_dict().items())
+
+
 def test_partitioners():
     labels = np.repeat(np.arange(5), 40)
     parts = dirichlet_label_skew(labels, 4, 0.1, seed=1, min_size=5)
