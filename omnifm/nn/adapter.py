@@ -72,7 +72,8 @@ class OmniFMAdapter(nn.Module):
         self.suffix = nn.Parameter(torch.zeros(n_suffix, dim)) if psp else None
         self.register_buffer("bank", torch.zeros(0, dim), persistent=False)
         self.retrieval_counts = torch.zeros(0, dtype=torch.int64)
-        self._state = None
+        self._state = None  # (s, Sg) while a forward runs, read by the hook
+        self._last = (None, None)  # (s, Sg) of the last forward, for alignment_loss
         self._handle = modules[layer].register_forward_hook(self._fuse)
 
     # -- bank ---------------------------------------------------------------
@@ -124,7 +125,7 @@ class OmniFMAdapter(nn.Module):
 
     def alignment_loss(self):
         """SPAlign of the last forward: ||s - mean_k Sg||^2 averaged over the batch."""
-        s, protos = getattr(self, "_last", (None, None))
+        s, protos = self._last
         if protos is None:
             return torch.zeros((), device=self.bank.device)
         return spalign_loss(s, protos.detach())
