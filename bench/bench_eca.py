@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import append_csv, print_table, time_ms  # noqa: E402
+from harness import append_csv, forced_backend, print_table, time_ms  # noqa: E402
 
 from omnifm.ops import eca_attention  # noqa: E402
 
@@ -53,11 +53,8 @@ def main(argv=None):
         impls["torch.compile(eager)"] = torch.compile(eager)
 
     def fused(*a):
-        os.environ["OMNIFM_BACKEND"] = fused_name
-        try:
+        with forced_backend(fused_name):
             return eca_attention(*a)
-        finally:
-            os.environ.pop("OMNIFM_BACKEND", None)
 
     impls[f"omnifm {fused_name}"] = fused
     shape = f"B={args.batch} L={args.tokens} d={d} dh={dh} k={args.k} {args.dtype}"

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import append_csv, copy_bandwidth_gbps, print_table, time_ms  # noqa: E402
+from harness import append_csv, copy_bandwidth_gbps, forced_backend, print_table, time_ms  # noqa: E402
 
 from omnifm.nn import SpectralTokenizer  # noqa: E402
 from omnifm.ops import _backend, lowpass_spectrum, lowpass_spectrum_ref, spectral_token, spectral_token_ref  # noqa: E402
@@ -31,11 +31,8 @@ def fused_backend(op, device):
 
 
 def run_fused(backend, fn):
-    os.environ["OMNIFM_BACKEND"] = backend
-    try:
+    with forced_backend(backend):
         return fn()
-    finally:
-        os.environ.pop("OMNIFM_BACKEND", None)
 
 
 def bench_op(op, eager, fused, args, device, nbytes):

@@ -1,4 +1,5 @@
 """Shared timing, table and CSV helpers of the bench/ scripts."""
+import contextlib
 import csv
 import datetime
 import os
@@ -10,6 +11,20 @@ import torch
 
 RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
 CSV_FIELDS = ["date", "bench", "device", "torch", "triton", "threads", "shape", "impl", "ms", "speedup", "gbps", "note"]
+
+
+@contextlib.contextmanager
+def forced_backend(name):
+    """Run the body with OMNIFM_BACKEND=name (restoring what was there)."""
+    old = os.environ.get("OMNIFM_BACKEND")
+    os.environ["OMNIFM_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMNIFM_BACKEND", None)
+        else:
+            os.environ["OMNIFM_BACKEND"] = old
 
 
 def device_name(device):

@@ -104,3 +104,12 @@ def choose(checks, device_type):
     if chosen is not None:
         return Choice(chosen, skipped)
     raise BackendUnavailableError(f"no backend can run this call: {skipped}")
+
+
+def register_fake_and_autograd(op, fake, backward, setup_context):
+    """Fake kernel and autograd for omnifm::<op>_triton and, when omnifm_ext defines
+    it, for the compiled omnifm::<op> (fakes only where the extension loaded)."""
+    names = [f"omnifm::{op}_triton"] + ([f"omnifm::{op}"] if (op, "cpu") in EXT_KERNELS else [])
+    for qualname in names:
+        torch.library.register_fake(qualname)(fake)
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)

@@ -118,11 +118,4 @@ def _backward(ctx, grad_scores, _grad_indices):
     return grad_q, grad_bank.to(bank.dtype), None, None
 
 
-def _register(qualname):
-    torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
-
-
-_register("omnifm::cosine_topk_triton")
-if _backend.ext_status(OP, "cpu") is None:
-    _register("omnifm::cosine_topk")
+_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context)

@@ -150,11 +150,4 @@ def _backward(ctx, grad):
     return (grad_x, *(grads[n] for n in PARAM_NAMES), None)
 
 
-def _register(qualname):
-    torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
-
-
-_register("omnifm::spectral_token_triton")
-if _backend.ext_status(OP, "cpu") is None:
-    _register("omnifm::spectral_token")
+_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._checks import new_output
+from ..cosine_topk import inverse_norms
 from ._window import DOT_PRECISION, INTERPRET
 from .limits import TOPK_MAX_K
 
@@ -91,7 +92,7 @@ def cosine_topk_triton(queries, bank, k, n_valid, rows_per_chunk=None):
     B, D = q.shape
     if B == 0:
         return new_output((0, k), torch.float32, q.device), torch.empty(0, k, dtype=torch.int64, device=q.device)
-    rq = 1.0 / q.norm(dim=1).clamp_min(1e-12)
+    rq = inverse_norms(q)
     KP = max(2, triton.next_power_of_2(k))
     BQ, BN, BD = 32 if INTERPRET else 64, 32 if INTERPRET else 64, min(64, max(16, triton.next_power_of_2(D)))
     n_qblocks = triton.cdiv(B, BQ)
