@@ -319,8 +319,9 @@ class Ditto(FedAvg):
         update = super().client_train(client, model, global_state, ctx)
         lam = self.hp.get("lam", 0.1)
         personal = client.extra.get("personal")
-        load_state(model, global_state, client.local_state)
-        if personal is not None:
+        if personal is None:  # first round: the personal model starts from the global one
+            load_state(model, global_state, client.local_state)
+        else:
             model.load_state_dict(personal)
         ref = {k: v for k, v in global_state.items() if v.is_floating_point()}
         sgd(model, client, params=list(model.parameters()), epochs=ctx.epochs, batch_size=ctx.batch_size,
