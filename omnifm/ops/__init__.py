@@ -1,4 +1,4 @@
-"""omnifm.ops: drop-in functional ops with fused backends (see DESIGN.md section 3).
+"""omnifm.ops: drop-in functional ops with fused backends.
 
 Each op dispatches per call: CUDA tensors to Triton, CPU tensors to the compiled
 extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
