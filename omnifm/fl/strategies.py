@@ -288,6 +288,9 @@ class Moon(FedAvg):
 
     def objective(self, client, model, ctx, global_state):
         mu, tau = self.hp.get("mu", 1.0), self.hp.get("tau", 0.5)
+        # The previous client's last training forward left graph-attached features on the
+        # shared model, which deepcopy refuses; the copies compute their own.
+        model.feature_module.features = None
         glob = copy.deepcopy(model).eval()  # model holds the global weights right now
         prev = copy.deepcopy(model).eval()
         if "prev" in client.extra:
