@@ -84,6 +84,22 @@ def validate_update(update, global_state, dim=None, bank_size=None):
     return None
 
 
+CHECKPOINT_KEYS = {"config", "next_round", "global", "strategy", "bank", "clients", "history"}
+
+
+def read_checkpoint(path):
+    """A checkpoint holds only tensors in dicts and lists of plain values, so it loads with
+    weights_only=True: a damaged, foreign or malicious file is refused, never unpickled
+    into arbitrary objects (which could run code)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # damage surfaces as UnpicklingError, RuntimeError, EOFError, ValueError, ...
+        why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        raise ValueError(f"resume: {path} is not a readable checkpoint ({why})") from exc
+
+
 class Simulation:
     def __init__(self, cfg, out_dir=None, *, progress=True, log=print):
         self.cfg, self.out_dir, self.progress, self.log = cfg, out_dir, progress, log
@@ -120,12 +136,18 @@ class Simulation:
                 "clients": [{"local": c.local_state, "extra": c.extra} for c in self.clients],
                 "history": self.history}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, source="the checkpoint"):
+        """Refuses a state from another program or another run before changing anything."""
+        if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
+            raise ValueError(f"resume: {source} is not an omnifm checkpoint (keys: {sorted(CHECKPOINT_KEYS)})")
         saved = dict(state["config"])
         mine = dataclasses.asdict(self.cfg)
         diff = {k for k in mine if k != "rounds" and saved.get(k) != mine[k]}
         if diff:
-            raise ValueError(f"resume: the checkpoint was made with different settings: {sorted(diff)}")
+            raise ValueError(f"resume: {source} was made with different settings: {sorted(diff)}")
+        shapes = {k: v.shape for k, v in self.global_state.items()}
+        if len(state["clients"]) != len(self.clients) or {k: v.shape for k, v in state["global"].items()} != shapes:
+            raise ValueError(f"resume: {source} does not match this model and federation")
         self.next_round, self.global_state, self.history = state["next_round"], state["global"], state["history"]
         self.strategy.load_state_dict(state["strategy"])
         if self.bank is not None:
@@ -144,7 +166,7 @@ class Simulation:
         path = os.path.join(self.out_dir, "checkpoint.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(read_checkpoint(path), source=path)
 
     # -- rounds ---------------------------------------------------------------
     def context(self, round_idx, cid):

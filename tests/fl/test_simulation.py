@@ -1,5 +1,8 @@
 import json
+import math
 import os
+import pickle
+import re
 import subprocess
 import sys
 
@@ -8,33 +11,137 @@ import pytest
 import torch
 
 from omnifm.fl import FLConfig, Simulation, dirichlet_label_skew, sample_participants
-from omnifm.fl.strategies import FedAvg
+from omnifm.fl.strategies import STRATEGIES, FedAvg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(clients=3, participation=0.67, samples_per_client=24, image_size=16, width=0.125, local_epochs=1,
             batch_size=8)
 
 
-def metrics(history):
-    return [(r["accuracy"], r["f1"], r["loss"], r["bytes_up"]) for r in history]
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: a second thread only adds synchronisation, and spins on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("strategy", ["omnifm", "fedavg"])
-def test_same_seed_same_metrics(strategy):
-    a = Simulation(FLConfig(strategy=strategy, rounds=2, **TINY), progress=False).run()
-    b = Simulation(FLConfig(strategy=strategy, rounds=2, **TINY), progress=False).run()
-    assert metrics(a) == metrics(b)
+def simulate(strategy, rounds, out_dir=None, *, resume=False, **overrides):
+    sim = Simulation(FLConfig(strategy=strategy, rounds=rounds, **{**TINY, **overrides}),
+                     out_dir and str(out_dir), progress=False)
+    sim.run(resume=resume)
+    return sim
 
 
-@pytest.mark.parametrize("strategy", ["omnifm", "scaffold", "ditto"])
+def flatten(obj, path=()):
+    """(path, leaf) pairs of nested dicts, lists and tuples; each container also yields its
+    type and keys, so a missing or extra entry is a difference too."""
+    if isinstance(obj, dict):
+        yield path, ("dict", sorted(map(str, obj)))
+        for k, v in obj.items():
+            yield from flatten(v, path + (str(k),))
+    elif isinstance(obj, (list, tuple)):
+        yield path, (type(obj).__name__, len(obj))
+        for i, v in enumerate(obj):
+            yield from flatten(v, path + (i,))
+    else:
+        yield path, obj
+
+
+def full_state(sim):
+    """Everything a run leaves behind, {path: leaf}: the shared weights, the strategy's
+    state_dict and every attribute (state it forgets to save shows up there), the bank,
+    each client's local state and extra, and every metrics field but wall-clock time."""
+    bank = None if sim.bank is None else {k: getattr(sim.bank, k) for k in ("entries", "owners", "freq", "age")}
+    return dict(flatten({"next_round": sim.next_round, "global": sim.global_state,
+                         "strategy": sim.strategy.state_dict(), "strategy attributes": vars(sim.strategy),
+                         "bank": bank, "clients": [{"local": c.local_state, "extra": c.extra} for c in sim.clients],
+                         "history": [{k: v for k, v in row.items() if k != "seconds"} for row in sim.history]}))
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and torch.equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def show(a, b):
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0] == "dict":  # flatten's key markers
+        return f"keys only in the first: {sorted(set(a[1]) - set(b[1]))}, only in the second: " \
+            f"{sorted(set(b[1]) - set(a[1]))}"
+    one = [f"tensor{tuple(x.shape)} {x.dtype} sum={x.double().sum().item():.6g}" if isinstance(x, torch.Tensor)
+           else repr(x) for x in (a, b)]
+    return " != ".join(one)
+
+
+def assert_same_state(a, b):
+    """Exactly equal full states (bitwise tensors); the message names the first difference.
+    A container's keys come before its entries, so every path reached exists in both."""
+    sa, sb = full_state(a), full_state(b)
+    for path, x in sa.items():
+        assert same(x, sb[path]), f"first difference at {'/'.join(map(str, path))}: {show(x, sb[path])}"
+
+
+def test_state_comparison_sees_every_part():
+    """The comparison is not vacuous: a change anywhere in the state is named."""
+    def fresh():
+        sim = Simulation(FLConfig(strategy="omnifm", rounds=1, **TINY), progress=False)
+        sim.seed_bank()
+        sim.history = [{"round": 1, "accuracy": 0.5, "loss": float("nan"), "seconds": 1.0, "clients": [0, 2]}]
+        sim.clients[1].extra = {"c": {"w": torch.zeros(3)}}
+        return sim
+
+    a = fresh()
+    b = fresh()
+    b.history[0]["seconds"] = 2.0  # wall-clock time is not state
+    assert_same_state(a, b)
+    edits = {"global/": lambda s: next(iter(s.global_state.values())).view(-1)[0].add_(1e-6),
+             "strategy attributes/hp": lambda s: s.strategy.hp.update(lam=0.2),
+             "bank/freq": lambda s: s.bank.freq.__setitem__(0, 0.5),
+             "bank/entries": lambda s: setattr(s.bank, "entries", s.bank.entries.double()),
+             "clients/2/local": lambda s: next(iter(s.clients[2].local_state.values())).view(-1)[0].add_(1),
+             "clients/1/extra/c/w": lambda s: s.clients[1].extra["c"]["w"].add_(1),
+             "clients/0/extra": lambda s: s.clients[0].extra.update(prev={}),
+             "history/0/accuracy": lambda s: s.history[0].update(accuracy=0.25),
+             "history/0/clients": lambda s: s.history[0]["clients"].append(1),
+             "history/0/loss": lambda s: s.history[0].update(loss=1.0),
+             "next_round": lambda s: setattr(s, "next_round", 1)}
+    for where, edit in edits.items():
+        b = fresh()
+        edit(b)
+        with pytest.raises(AssertionError, match=f"at {where}"):
+            assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_same_seed_same_state(strategy):
+    a = simulate(strategy, 2)
+    assert all(row["rejected"] == [] for row in a.history)  # a healthy run: every participant trained
+    assert_same_state(a, simulate(strategy, 2))
+
+
+def metrics_file(out_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_resume_equals_uninterrupted(strategy, tmp_path):
-    full = Simulation(FLConfig(strategy=strategy, rounds=3, **TINY), str(tmp_path / "full"), progress=False).run()
-    Simulation(FLConfig(strategy=strategy, rounds=2, **TINY), str(tmp_path / "cut"), progress=False).run()
-    resumed = Simulation(FLConfig(strategy=strategy, rounds=3, **TINY), str(tmp_path / "cut"), progress=False)
-    history = resumed.run(resume=True)
-    assert metrics(history) == metrics(full)
-    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+    full = simulate(strategy, 3, tmp_path / "full")
+    cut = simulate(strategy, 2, tmp_path / "cut")
+    reloaded = Simulation(FLConfig(strategy=strategy, rounds=3, **TINY), str(tmp_path / "cut"), progress=False)
+    reloaded.resume()
+    assert_same_state(reloaded, cut)  # the checkpoint holds the whole state
+    resumed = simulate(strategy, 3, tmp_path / "cut", resume=True)
+    assert_same_state(resumed, full)
+    # The metrics file is rewritten from the checkpoint's history: every field of every round.
+    rows, expected = dict(flatten(metrics_file(tmp_path / "cut"))), dict(flatten(metrics_file(tmp_path / "full")))
+    assert [v for k, v in rows.items() if k[1:] == ("round",)] == [1, 2, 3]
+    assert rows.keys() == expected.keys() and all(same(v, expected[k]) for k, v in rows.items())
     assert not (tmp_path / "cut" / "checkpoint.pt.tmp").exists()
 
 
@@ -43,6 +150,47 @@ def test_resume_refuses_other_settings(tmp_path):
     other = Simulation(FLConfig(strategy="fedavg", rounds=2, **{**TINY, "lr": 0.5}), str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="lr"):
         other.run(resume=True)
+
+
+class RunsCode:
+    """Unpickling this runs code: it would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_unreadable_or_foreign_checkpoints(tmp_path):
+    sim = simulate("fedavg", 1, tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    marker = tmp_path / "code_ran"
+    state = sim.state_dict()
+    with_code = {**state, "history": [RunsCode(marker)]}
+    wrong_model = {**state, "global": {k: v for k, v in list(state["global"].items())[1:]}}
+    writers = {"a pickle that runs code": lambda: path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2)),
+               "a checkpoint holding such an object": lambda: torch.save(with_code, path),
+               "truncated": lambda: path.write_bytes(good[:len(good) // 2]),
+               "empty": lambda: path.write_bytes(b""),
+               "random bytes": lambda: path.write_bytes(
+                   torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.uint8).numpy().tobytes()),
+               "a foreign state": lambda: torch.save({"weight": torch.ones(2)}, path),
+               "a plain list": lambda: torch.save([1, 2], path),
+               "another model": lambda: torch.save(wrong_model, path)}
+    for name, write in writers.items():
+        write()
+        fresh = Simulation(FLConfig(strategy="fedavg", rounds=2, **TINY), str(tmp_path), progress=False)
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            fresh.resume()
+        assert not marker.exists(), f"loading {name} ran code"
+        assert fresh.next_round == 0 and fresh.history == [], f"{name} was partly loaded"
+    path.write_bytes(good)  # the real checkpoint still loads
+    fresh = Simulation(FLConfig(strategy="fedavg", rounds=2, **TINY), str(tmp_path), progress=False)
+    fresh.resume()
+    assert_same_state(fresh, sim)
 
 
 class Corrupting(FedAvg):
@@ -155,7 +303,8 @@ def test_cli_train_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "omnifm.cli", "train", "--strategy", "omnifm,fedavg", "--rounds", "2",
            "--clients", "3", "--participation", "0.67", "--samples-per-client", "24", "--image-size", "16",
            "--width", "0.125", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as one_thread: tiny models, and a busy machine
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| omnifm | 2 |" in res.stdout and "| fedavg | 2 |" in res.stdout
     rows = [json.loads(x) for x in (out / "omnifm" / "metrics.jsonl").read_text().splitlines()]
@@ -164,6 +313,6 @@ def test_cli_train_end_to_end(tmp_path):
     assert (out / "curves.png").stat().st_size > 0 and (out / "results.md").exists()
     # --resume continues from the checkpoints to more rounds.
     res = subprocess.run([sys.executable, "-m", "omnifm.cli", "train", "--resume", str(out), "--rounds", "3"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| omnifm | 3 |" in res.stdout
