@@ -44,13 +44,17 @@ def _bench_dir():
 
 def _add_train_args(p):
     from omnifm.fl import FLConfig
+    from omnifm.tasks import TASKS
 
     d = FLConfig()
-    p.add_argument("--task", default="classification", choices=["classification"])
+    p.add_argument("--task", default=d.task, choices=sorted(TASKS))
     p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare")
-    p.add_argument("--data", default=d.data, choices=["synthetic", "medmnist"])
-    p.add_argument("--data-root", default=None, help="folder with pathmnist.npz, dermamnist.npz, bloodmnist.npz")
-    p.add_argument("--scenario", default=d.scenario, choices=["hard", "medium", "extra"])
+    p.add_argument("--data", default=d.data, help="synthetic (default) or the task's real source "
+                   "(classification: medmnist)")
+    p.add_argument("--data-root", default=None, help="folder of the real data (classification: pathmnist.npz, "
+                   "dermamnist.npz, bloodmnist.npz)")
+    p.add_argument("--scenario", default=d.scenario, help="the task's scenario (classification: hard, medium, "
+                   "extra)")
     p.add_argument("--clients", type=int, default=d.clients)
     p.add_argument("--participation", type=float, default=d.participation)
     p.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds} (with --resume: as saved)")
@@ -60,7 +64,7 @@ def _add_train_args(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--samples-per-client", type=int, default=d.samples_per_client)
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--width", type=float, default=d.width, help="ResNet-18 widen factor")
+    p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
     p.add_argument("--share-bn-stats", action="store_true", help="also average BN running statistics")
     p.add_argument("--lam", type=float, default=d.lam, help="SPAlign weight (0: no-SPAlign ablation)")
     p.add_argument("--topk", type=int, default=d.topk)
@@ -76,6 +80,7 @@ def _train(args):
 
     from omnifm.fl import STRATEGIES, FLConfig, Simulation
     from omnifm.fl.report import plot_curves, table
+    from omnifm.tasks import task_class
 
     out = args.resume or args.out
     config_path = os.path.join(out, "config.json")
@@ -102,8 +107,9 @@ def _train(args):
         cfg = dataclasses.replace(base, strategy=name)
         sim = Simulation(cfg, os.path.join(out, name))
         results[name] = sim.run(resume=bool(args.resume))
-    text = table(results, f"{base.data} / {base.scenario}: {base.clients} clients, "
-                          f"{base.participation:.0%} participation, {base.rounds} rounds, seed {base.seed}")
+    text = table(results, f"{base.task}, {base.data} / {base.scenario}: {base.clients} clients, "
+                          f"{base.participation:.0%} participation, {base.rounds} rounds, seed {base.seed}",
+                 main=task_class(base.task).main_metric)
     print("\n" + text)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")

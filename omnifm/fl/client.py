@@ -1,13 +1,16 @@
 """Client: one hospital's data and persistent state, and the local SGD loop.
 
 The simulation keeps one model object and loads each client's state into it in turn:
-a client is its data plus `local_state` (every tensor its strategy keeps private or
-local: private parameters and, FedBN-style, BatchNorm running statistics) plus
-`extra` (strategy state such as SCAFFOLD's control variate or Ditto's personal model).
+a client is its data (two `torch.utils.data` datasets of `(input, target)` items)
+plus `local_state` (every tensor its strategy keeps private or local: private
+parameters and, FedBN-style, BatchNorm running statistics) plus `extra` (strategy
+state such as SCAFFOLD's control variate or Ditto's personal model).
 """
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 
 @dataclass
@@ -25,17 +28,15 @@ class Update:
 @dataclass
 class Client:
     cid: int
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train: Dataset
+    test: Dataset
     local_state: dict
-    modality: str = ""
+    name: str = ""  # its modality or institution, for reports
     extra: dict = field(default_factory=dict)
 
     @property
     def n_train(self):
-        return len(self.train_y)
+        return len(self.train)
 
     def batches(self, epochs, batch_size, seed):
         """Shuffled mini-batches, a deterministic function of seed (resume-safe)."""
@@ -43,8 +44,40 @@ class Client:
         for _ in range(epochs):
             perm = torch.randperm(self.n_train, generator=g)
             for i in range(0, self.n_train, batch_size):
-                idx = perm[i:i + batch_size]
-                yield self.train_x[idx], self.train_y[idx]
+                yield fetch(self.train, perm[i:i + batch_size])
+
+
+def fetch(dataset, idx):
+    """Items idx (int64 tensor) of dataset as one batch: whole-tensor indexing for an
+    in-memory TensorDataset, else item by item (files) through default_collate."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx] for t in dataset.tensors)
+    return default_collate([dataset[i] for i in idx.tolist()])
+
+
+def in_order(dataset, batch_size=256):
+    """The whole dataset in order, in batches (evaluation, BN statistics, prototypes)."""
+    for i in range(0, len(dataset), batch_size):
+        yield fetch(dataset, torch.arange(i, min(i + batch_size, len(dataset))))
+
+
+@torch.no_grad()
+def recalibrate_bn(model, dataset, batch_size=256):
+    """Re-estimate BatchNorm running statistics on `dataset` (the client's own training
+    data) for the weights now loaded: with BN statistics kept local and partial
+    participation, a client's stored statistics belong to older weights."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.train()
+    for x, _ in in_order(dataset, batch_size):
+        model(x)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
 
 
 def load_state(model, global_state, local_state):

@@ -1,44 +1,59 @@
-"""Results table and curves of finished runs."""
+"""Results table and curves of finished runs, for any task: the metric columns are
+the task's own (every numeric field of a metrics row that is not bookkeeping)."""
 import os
 
+BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", "rejected", "bank_size")
 
-def summary(history):
+
+def metric_names(history):
+    """The task's metrics, in the order the rows hold them."""
+    return [k for k, v in history[0].items() if k not in BOOKKEEPING and isinstance(v, (int, float))]
+
+
+def summary(history, main=None):
+    names = metric_names(history)
+    main = main or names[0]
     last = history[-1]
-    return {"rounds": last["round"], "accuracy": last["accuracy"], "f1": last["f1"],
-            "best_accuracy": max(r["accuracy"] for r in history),
+    return {"rounds": last["round"], **{k: last[k] for k in names}, f"best_{main}": max(r[main] for r in history),
             "sec_per_round": sum(r["seconds"] for r in history) / len(history),
             "mb_up_per_round": sum(r["bytes_up"] for r in history) / len(history) / 2**20,
             "mb_down_per_round": sum(r["bytes_down"] for r in history) / len(history) / 2**20}
 
 
-def table(results, title=""):
-    """results: {name: history} -> a Markdown table (printed and returned)."""
-    head = "| run | rounds | accuracy | macro-F1 | best acc | s/round | MB up/round | MB down/round |"
-    lines = [title, "", head, "|" + "---|" * 8] if title else [head, "|" + "---|" * 8]
-    for name, history in results.items():
-        s = summary(history)
-        lines.append(f"| {name} | {s['rounds']} | {s['accuracy']:.4f} | {s['f1']:.4f} | {s['best_accuracy']:.4f} | "
-                     f"{s['sec_per_round']:.2f} | {s['mb_up_per_round']:.2f} | {s['mb_down_per_round']:.2f} |")
+def table(results, title="", main=None):
+    """results: {name: history} -> a Markdown table (returned). main: the metric whose
+    best round gets a column (default: the first metric)."""
+    names = metric_names(next(iter(results.values())))
+    main = main or names[0]
+    head = "| run | rounds | " + " | ".join(names) + f" | best {main} | s/round | MB up/round | MB down/round |"
+    rule = "|" + "---|" * (len(names) + 6)
+    lines = ([title, ""] if title else []) + [head, rule]
+    for run, history in results.items():
+        s = summary(history, main)
+        cells = [str(s["rounds"]), *(f"{s[k]:.4f}" for k in names), f"{s['best_' + main]:.4f}",
+                 f"{s['sec_per_round']:.2f}", f"{s['mb_up_per_round']:.2f}", f"{s['mb_down_per_round']:.2f}"]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(results, path):
-    """Accuracy and macro-F1 per round for every run, one PNG."""
+    """Every metric per round for every run, one panel per metric, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, history in results.items():
+    names = metric_names(next(iter(results.values())))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for run, history in results.items():
         rounds = [r["round"] for r in history]
-        axes[0].plot(rounds, [r["accuracy"] for r in history], label=name)
-        axes[1].plot(rounds, [r["f1"] for r in history], label=name)
-    for ax, label in zip(axes, ("accuracy", "macro-F1")):
+        for ax, name in zip(axes[0], names):
+            ax.plot(rounds, [r[name] for r in history], label=run)
+    for ax, name in zip(axes[0], names):
         ax.set_xlabel("round")
-        ax.set_ylabel(label)
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -9,20 +9,20 @@ import time
 
 import torch
 
-from ..tasks import classification as task
+from ..tasks import get_task
 from .bank import KnowledgeBank
-from .client import Client, load_state, split_state
-from .federation_data import medmnist_federation, synthetic_federation
+from .client import Client, load_state, recalibrate_bn, split_state
 from .partition import sample_participants
 from .strategies import make_strategy
 
 
 @dataclasses.dataclass
 class FLConfig:
+    task: str = "classification"  # a name in omnifm.tasks.TASKS
     strategy: str = "omnifm"
-    data: str = "synthetic"  # or "medmnist" (with data_root)
+    data: str = "synthetic"  # the task says which sources it reads (with data_root)
     data_root: str | None = None
-    scenario: str = "extra"  # hard | medium | extra
+    scenario: str = "extra"  # the task's scenarios (classification: hard | medium | extra)
     clients: int = 10
     participation: float = 0.2
     rounds: int = 20
@@ -32,7 +32,7 @@ class FLConfig:
     seed: int = 0
     samples_per_client: int = 160
     image_size: int = 32
-    width: float = 0.25  # ResNet-18 widen factor
+    width: float = 0.25  # backbone width factor
     share_bn_stats: bool = False  # default FedBN-style: BN running statistics stay local
     lam: float = 0.1  # SPAlign weight (0 = the no-SPAlign ablation)
     topk: int = 2
@@ -53,6 +53,7 @@ class RoundContext:
     lr: float
     loss_fn: object
     bank: torch.Tensor | None
+    prototype_groups: object = None  # targets -> group ids for bank uploads (None: the targets)
 
 
 def tensor_bytes(obj):
@@ -104,27 +105,23 @@ class Simulation:
     def __init__(self, cfg, out_dir=None, *, progress=True, log=print):
         self.cfg, self.out_dir, self.progress, self.log = cfg, out_dir, progress, log
         torch.manual_seed(cfg.seed)
-        if cfg.data == "synthetic":
-            parts, self.n_classes = synthetic_federation(cfg.clients, cfg.scenario, samples_per_client=cfg.samples_per_client,
-                                                         image_size=cfg.image_size, seed=cfg.seed)
-        elif cfg.data == "medmnist":
-            if not cfg.data_root:
-                raise ValueError("data_root: required with data='medmnist'")
-            parts, self.n_classes = medmnist_federation(cfg.data_root, cfg.clients, cfg.scenario, seed=cfg.seed,
-                                                        max_per_client=cfg.samples_per_client)
-        else:
-            raise ValueError(f"data: expected 'synthetic' or 'medmnist', got {cfg.data!r}")
+        self.task = get_task(cfg.task, cfg)
+        parts = self.task.federation()
+        if len(parts) != cfg.clients:
+            raise ValueError(f"clients: the {cfg.task} data gave {len(parts)} clients, expected {cfg.clients}")
+        for part in parts:
+            if len(part.train) == 0 or len(part.test) == 0:
+                raise ValueError(f"data: client {part.name!r} has an empty train or test split")
         omnifm = cfg.strategy == "omnifm"
-        adapter = dict(topk=cfg.topk, gskr=cfg.gskr, eca=cfg.eca, psp=cfg.psp,
-                       size=min(8, cfg.image_size))
-        self.model = task.build_model(self.n_classes, omnifm=omnifm, width=cfg.width, adapter_kwargs=adapter)
+        adapter = dict(topk=cfg.topk, gskr=cfg.gskr, eca=cfg.eca, psp=cfg.psp)
+        self.model = self.task.build_model(omnifm=omnifm, adapter_kwargs=adapter)
         hp = {"lam": cfg.lam} if omnifm else {}  # SPAlign weight; other strategies keep their defaults
-        self.strategy = make_strategy(cfg.strategy, head_prefix=task.HEAD_PREFIX, share_bn_stats=cfg.share_bn_stats,
-                                      **hp)
+        self.strategy = make_strategy(cfg.strategy, head_prefix=self.task.head_prefix,
+                                      share_bn_stats=cfg.share_bn_stats, **hp)
         self.global_state, local = split_state(self.model, self.strategy.is_shared)
-        self.clients = [Client(k, tx, ty, vx, vy, {n: t.clone() for n, t in local.items()}, modality=m)
-                        for k, (m, tx, ty, vx, vy) in enumerate(parts)]
-        self.dim = int(256 * cfg.width)
+        self.clients = [Client(k, p.train, p.test, {n: t.clone() for n, t in local.items()}, name=p.name)
+                        for k, p in enumerate(parts)]
+        self.dim = self.task.adapter_dim
         self.bank = KnowledgeBank(self.dim, capacity=cfg.bank_capacity, rho=cfg.bank_rho, delta=cfg.bank_delta) \
             if self.strategy.uses_bank else None
         self.history, self.next_round = [], 0
@@ -172,7 +169,7 @@ class Simulation:
     def context(self, round_idx, cid):
         bank = self.bank.entries if self.bank is not None else None
         return RoundContext(round_idx, self.cfg.seed * 100_003 + round_idx * 1009 + cid, self.cfg.local_epochs,
-                            self.cfg.batch_size, self.cfg.lr, task.loss_fn, bank)
+                            self.cfg.batch_size, self.cfg.lr, self.task.loss, bank, self.task.prototype_groups)
 
     def seed_bank(self):
         """Round 0 seeding: every client uploads prototypes from the initial tokenizer."""
@@ -181,7 +178,7 @@ class Simulation:
         uploads = {}
         for c in self.clients:
             load_state(self.model, self.global_state, c.local_state)
-            uploads[c.cid] = prototypes(self.model, c)
+            uploads[c.cid] = prototypes(self.model, c, self.task.prototype_groups)
         self.bank.seed(uploads)
 
     def run_round(self, r):
@@ -211,8 +208,7 @@ class Simulation:
                 self.bank.prune()
                 self.bank.insert({u.client: u.bank_upload for u in updates})
                 self.bank.end_round()
-        acc, f1 = self.evaluate()
-        row = {"round": r + 1, "accuracy": acc, "f1": f1,
+        row = {"round": r + 1, **self.evaluate(),
                "loss": sum(u.loss for u in updates) / len(updates) if updates else float("nan"),
                "seconds": time.perf_counter() - t0, "bytes_up": up, "bytes_down": down * len(participants),
                "clients": participants, "rejected": rejected}
@@ -221,17 +217,19 @@ class Simulation:
         return row
 
     def evaluate(self):
-        """Personalised: each client's model on its own held-out split, sample-weighted."""
-        accs, f1s, ns = [], [], []
+        """Personalised: each client's model on its own held-out split; every metric is
+        the sample-weighted mean over clients."""
+        totals, n = {}, 0
         for c in self.clients:
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
-            task.recalibrate_bn(self.model, c.train_x)
-            acc, f1, _ = task.evaluate(self.model, c.test_x, c.test_y, self.n_classes)
-            accs.append(acc), f1s.append(f1), ns.append(len(c.test_y))
-        n = sum(ns)
-        return sum(a * k for a, k in zip(accs, ns)) / n, sum(f * k for f, k in zip(f1s, ns)) / n
+            recalibrate_bn(self.model, c.train)
+            k = len(c.test)
+            for name, value in self.task.evaluate(self.model, c.test).items():
+                totals[name] = totals.get(name, 0) + value * k
+            n += k
+        return {name: total / n for name, total in totals.items()}
 
     def run(self, resume=False):
         if self.out_dir:
@@ -259,7 +257,7 @@ class Simulation:
                     fh.write(json.dumps(row) + "\n")
                 self.checkpoint()
             if bar is not None:
-                bar.set_postfix(acc=f"{row['accuracy']:.3f}", f1=f"{row['f1']:.3f}")
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in self.task.metrics})
                 bar.update(1)
         if bar is not None:
             bar.close()

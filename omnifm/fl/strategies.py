@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .client import Update, load_state, sgd, split_state
+from .client import Update, in_order, load_state, sgd, split_state
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -358,17 +358,23 @@ class OmniFM(FedAvg):
         model.set_bank(ctx.bank)  # the bank is a non-persistent buffer: loading states keeps it
         update = super().client_train(client, model, global_state, ctx)
         update.retrieval_counts = model.retrieval_counts.clone()
-        update.bank_upload = prototypes(model, client)
+        update.bank_upload = prototypes(model, client, ctx.prototype_groups)
         return update
 
 
 @torch.no_grad()
-def prototypes(model, client, min_count=2):
-    """Class means of the client's spectral tokens (classes with >= min_count images)."""
+def prototypes(model, client, groups_of=None, min_count=2):
+    """Mean spectral token of each group of the client's training samples (groups with
+    >= min_count images; never single-image tokens). groups_of(targets) -> (n,) int64
+    groups; None: the targets are the groups (classes). Falls back to the overall mean."""
     model.eval()
-    tokens = torch.cat([model.spectral_tokens(client.train_x[i:i + 256]) for i in range(0, client.n_train, 256)])
-    out = [tokens[client.train_y == c].mean(0) for c in client.train_y.unique().tolist()
-           if (client.train_y == c).sum() >= min_count]
+    tokens, targets = [], []
+    for x, y in in_order(client.train):
+        tokens.append(model.spectral_tokens(x))
+        targets.append(y)
+    tokens, targets = torch.cat(tokens), torch.cat(targets)
+    groups = targets if groups_of is None else groups_of(targets)
+    out = [tokens[groups == c].mean(0) for c in groups.unique().tolist() if (groups == c).sum() >= min_count]
     return torch.stack(out) if out else tokens.mean(0, keepdim=True)
 
 

@@ -1,1 +1,26 @@
-"""The medical-imaging tasks of OmniFM (classification so far)."""
+"""The medical-imaging tasks of OmniFM, each a plug-in behind one interface
+(`omnifm.tasks.base.Task`), looked up by name. Task modules are imported only when
+asked for, so a task's dependencies load only when it runs."""
+import importlib
+
+from .base import ClientData, Plain, Task
+
+# name -> "module:class"; a new task adds one line here.
+TASKS = {
+    "classification": "omnifm.tasks.classification:ClassificationTask",
+}
+
+
+def task_class(name):
+    if name not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_task(name, cfg):
+    """The task plug-in `name`, configured by cfg (an FLConfig)."""
+    return task_class(name)(cfg)
+
+
+__all__ = ["TASKS", "ClientData", "Plain", "Task", "get_task", "task_class"]

@@ -1,29 +1,64 @@
 """Classification: MONAI ResNet-18 backbone, linear head over pooled features,
-cross-entropy, accuracy and macro-F1 (MONAI ConfusionMatrixMetric)."""
+cross-entropy, accuracy and macro-F1 (MONAI ConfusionMatrixMetric).
+
+Data: the synthetic cross-modality generator (`--data synthetic`) or the MedMNIST
+24-class cross-modality set from local .npz files (`--data medmnist --data-root DIR`);
+scenarios hard / medium (Dirichlet label skew) and extra (one modality per client).
+"""
 import torch
 import torch.nn.functional as F
 from monai.metrics import ConfusionMatrixMetric
 from monai.networks.nets import resnet18
-from torch import nn
+from torch.utils.data import TensorDataset
 
+from ..data.federation import medmnist_federation, synthetic_federation
 from ..nn import OmniFMAdapter
+from .base import ClientData, Plain, Task
 
 HEAD_PREFIX = "backbone.fc."  # the task head: private under OmniFM, FedPer, FedRep
 FUSION_LAYER = "layer3"
 
 
-class Plain(nn.Module):
-    """The backbone alone, with the adapter's interface (baselines)."""
+class ClassificationTask(Task):
+    name = "classification"
+    head_prefix = HEAD_PREFIX
+    metrics = ("accuracy", "f1")
+    main_metric = "accuracy"
 
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
+    def federation(self):
+        cfg = self.cfg
+        if cfg.data == "synthetic":
+            parts, self.n_classes = synthetic_federation(cfg.clients, cfg.scenario, image_size=cfg.image_size,
+                                                         samples_per_client=cfg.samples_per_client, seed=cfg.seed)
+        elif cfg.data == "medmnist":
+            if not cfg.data_root:
+                raise ValueError("data_root: required with data='medmnist'")
+            parts, self.n_classes = medmnist_federation(cfg.data_root, cfg.clients, cfg.scenario, seed=cfg.seed,
+                                                        max_per_client=cfg.samples_per_client)
+        else:
+            raise ValueError(f"data: the classification task reads 'synthetic' or 'medmnist', got {cfg.data!r}")
+        return [ClientData(m, TensorDataset(tx, ty), TensorDataset(vx, vy)) for m, tx, ty, vx, vy in parts]
 
-    def forward(self, x):
-        return self.backbone(x)
+    @property
+    def adapter_dim(self):
+        return int(256 * self.cfg.width)  # layer3 of ResNet-18 has 256 channels at width 1
 
-    def alignment_loss(self):
-        return torch.zeros(())
+    def build_model(self, *, omnifm, adapter_kwargs):
+        if not hasattr(self, "n_classes"):
+            raise RuntimeError("build_model: call federation() first (it sets the number of classes)")
+        kwargs = dict(adapter_kwargs, size=min(8, self.cfg.image_size))
+        return build_model(self.n_classes, omnifm=omnifm, width=self.cfg.width, adapter_kwargs=kwargs)
+
+    def loss(self, output, target):
+        return loss_fn(output, target)
+
+    def evaluate(self, model, dataset):
+        images, labels = dataset.tensors
+        acc, f1, _ = evaluate(model, images, labels, self.n_classes)
+        return {"accuracy": acc, "f1": f1}
+
+    def prototype_groups(self, targets):
+        return targets  # one prototype per class
 
 
 def build_model(n_classes, *, omnifm=False, width=0.25, in_channels=3, adapter_kwargs=None):
@@ -49,25 +84,6 @@ def _keep_features(module, inputs, output):
 
 def loss_fn(logits, labels):
     return F.cross_entropy(logits, labels)
-
-
-@torch.no_grad()
-def recalibrate_bn(model, images, batch_size=256):
-    """Re-estimate BatchNorm running statistics on `images` (the client's own training
-    data) for the weights now loaded: with BN statistics kept local and partial
-    participation, a client's stored statistics belong to older weights."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the pass
-    model.train()
-    for i in range(0, len(images), batch_size):
-        model(images[i:i + batch_size])
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
 
 
 @torch.no_grad()

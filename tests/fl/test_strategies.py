@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from omnifm.fl.client import Client, Update, split_state
 from omnifm.fl.simulation import RoundContext
@@ -89,7 +90,7 @@ class InOrder(Client):
     def batches(self, epochs, batch_size, seed):
         for _ in range(epochs):
             for i in range(0, self.n_train, batch_size):
-                yield self.train_x[i:i + batch_size], self.train_y[i:i + batch_size]
+                yield tuple(t[i:i + batch_size] for t in self.train.tensors)
 
 
 def data(cid):
@@ -109,7 +110,8 @@ def run_code(name, model_cls=Net, bank=None, **hp):
     s = make_strategy(name, head_prefix=HEAD, **hp)
     model = model_cls()
     glob, local = split_state(model, s.is_shared)
-    clients = [InOrder(cid, *data(cid), *data(cid), {k: v.clone() for k, v in local.items()})
+    clients = [InOrder(cid, TensorDataset(*data(cid)), TensorDataset(*data(cid)),
+                       {k: v.clone() for k, v in local.items()})
                for cid in range(N_CLIENTS)]
     rounds = []
     for r, part in enumerate(PLAN):
@@ -328,7 +330,7 @@ def test_moon_contrastive_term_with_distinct_global_and_previous():
     s = make_strategy("moon", head_prefix=HEAD, mu=mu, tau=tau)
     model, prev_model = Net(0), Net(1)
     glob = {k: v.clone() for k, v in model.state_dict().items()}
-    c = InOrder(0, *data(0), *data(0), {}, extra={"prev": prev_model.state_dict()})
+    c = InOrder(0, TensorDataset(*data(0)), TensorDataset(*data(0)), {}, extra={"prev": prev_model.state_dict()})
     loss_of = s.objective(c, model, ctx(), glob)
     with torch.no_grad():
         model.body.weight += 0.3  # the client model moves away from the global one
@@ -473,10 +475,10 @@ def test_prototypes_are_class_means_of_frequent_classes():
     model = OmniNet()
     x = torch.randn(7, 3, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([2, 0, 2, 1, 0, 2, 0])  # class 1 has one image: not uploaded
-    c = Client(0, x, y, x, y, {})
+    c = Client(0, TensorDataset(x, y), TensorDataset(x, y), {})
     tokens = x.double() @ model.body.weight.double().T + model.body.bias.double()
     close(prototypes(model, c), torch.stack([tokens[y == 0].mean(0), tokens[y == 2].mean(0)]), "prototypes")
-    single = Client(0, x[:3], torch.tensor([0, 1, 2]), x, y, {})  # no class qualifies: the overall mean
+    single = Client(0, TensorDataset(x[:3], torch.tensor([0, 1, 2])), TensorDataset(x, y), {})  # no class qualifies: the overall mean
     close(prototypes(model, single), tokens[:3].mean(0, keepdim=True), "fallback")
 
 

@@ -7,8 +7,8 @@ own contrast, texture and channels; labels uniform). Each client's data is split
 """
 import torch
 
-from ..data import synthetic
-from .partition import dirichlet_label_skew, modality_per_client
+from . import synthetic
+from ..fl.partition import dirichlet_label_skew, modality_per_client
 
 SCENARIOS = {"hard": 0.1, "medium": 0.5, "extra": None}
 
@@ -50,7 +50,7 @@ def synthetic_federation(n_clients, scenario, *, samples_per_client=120, image_s
 def medmnist_federation(root, n_clients, scenario, *, seed=0, max_per_client=None):
     """The 24-class MedMNIST cross-modality set split among clients (train+test pooled
     from the official train/test files, then split per client 80/20)."""
-    from ..data.medmnist_npz import load_cross_modality
+    from .medmnist_npz import load_cross_modality
 
     x1, y1, m1, names = load_cross_modality(root, "train")
     x2, y2, m2, _ = load_cross_modality(root, "test")
