@@ -5,6 +5,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -56,13 +57,66 @@ def copy_bandwidth_gbps(nbytes, device):
     return 2 * nbytes / ms / 1e6
 
 
-def print_table(title, rows):
-    """rows: dicts with impl, ms, speedup, gbps, note."""
+class WrongAnswer(Exception):
+    """An implementation's output disagrees with the reference: it gets no time."""
+
+
+def rel_error(out, ref):
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        return float("inf")
+    denom = ref.norm()
+    if denom == 0:
+        raise ValueError("reference is all zeros: nothing to compare against")
+    return ((out - ref).norm() / denom).item()
+
+
+def check_answer(name, out, ref, rtol):
+    """Raise WrongAnswer unless out matches ref within rtol (relative, in norm)."""
+    err = rel_error(out, ref)
+    if not err <= rtol:  # also catches NaN
+        raise WrongAnswer(f"{name}: relative error {err:.3e} > {rtol:.1e} against the reference")
+    return err
+
+
+class Failures:
+    """Collects implementations that raised or answered wrong; the script then exits 1,
+    so a broken fast path can never pass as a slow or a fast one."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, name, exc):
+        msg = f"{name}: {type(exc).__name__}: {exc}"
+        self.items.append(msg)
+        print(f"FAILED {msg}", file=sys.stderr)
+
+    def exit_if_any(self):
+        if self.items:
+            print(f"{len(self.items)} implementation(s) failed; no time is reported for them:", file=sys.stderr)
+            for msg in self.items:
+                print(f"  {msg}", file=sys.stderr)
+            sys.exit(1)
+
+
+def print_table(title, rows, baselines):
+    """rows: dicts with impl, ms, gbps (or None), note. One ratio column per baseline
+    (baseline ms / impl ms, > 1 means faster than that baseline); sets r['speedup']
+    to the ratio against the fastest baseline (the strongest), which goes to the CSV."""
+    base_ms = {r["impl"]: r["ms"] for r in rows if r["impl"] in baselines}
+    strongest = min(base_ms, key=base_ms.get) if base_ms else None
     print(f"\n{title}")
-    print(f"{'impl':<34} {'ms':>10} {'vs eager':>9} {'GB/s':>8}  note")
+    head = "".join(f" {'x ' + b[:14]:>16}" for b in base_ms)
+    print(f"{'impl':<34} {'ms':>10}{head} {'GB/s':>8}  note")
     for r in rows:
+        ratios = "".join(f" {base_ms[b] / r['ms']:>15.2f}x" for b in base_ms)
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") is not None else "-"
-        print(f"{r['impl']:<34} {r['ms']:>10.3f} {r['speedup']:>8.2f}x {gbps:>8}  {r.get('note', '')}")
+        print(f"{r['impl']:<34} {r['ms']:>10.3f}{ratios} {gbps:>8}  {r.get('note', '')}")
+        r["speedup"] = base_ms[strongest] / r["ms"] if strongest else float("nan")
+    if strongest:
+        print(f"(x <baseline> = that baseline's time / this time; the CSV speed-up is against the strongest "
+              f"baseline, {strongest})")
 
 
 def append_csv(bench, device, shape, rows, path=RESULTS_CSV):

@@ -6,10 +6,11 @@ from hypothesis import strategies as st
 from omnifm.ops import spectral_token, spectral_token_ref
 from omnifm.ops.spectral_token import token_head
 from tests.helpers import assert_close_to_ref, fast_backends, forced, relerr
-from tests.ops.test_lowpass_spectrum import numpy_oracle
+from tests.ops.test_lowpass_spectrum import CHUNKED_BATCHES, CROSS, TILE, crossing, numpy_oracle
 
 BACKENDS = fast_backends("spectral_token")
 NAMES = ("x", "mix_weight", "freq_embed", "w1", "b1", "w2", "b2")
+FUSED_MAX_SIZE = 16  # omnifm.ops.triton.limits: larger windows take the lowpass kernel + PyTorch head
 
 
 def make_inputs(B, C, H, W, size, m, h, d, seed=0, dtype=torch.float64, device="cpu"):
@@ -21,12 +22,24 @@ def make_inputs(B, C, H, W, size, m, h, d, seed=0, dtype=torch.float64, device="
 
 
 @st.composite
-def token_cases(draw, max_hw=24, max_size=None):
-    H, W = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+def token_cases(draw, max_hw=24, max_size=None, batch=st.integers(1, 3), hw=None, min_size=1, d=st.integers(1, 80)):
+    hw = st.integers(1, max_hw) if hw is None else hw
+    H, W = draw(hw), draw(hw)
     top = min(H, W) if max_size is None else min(H, W, max_size)
-    return dict(B=draw(st.integers(1, 3)), C=draw(st.integers(1, 3)), H=H, W=W,
-                size=draw(st.integers(1, top)), m=draw(st.integers(1, 20)), h=draw(st.integers(1, 40)),
-                d=draw(st.integers(1, 80)), seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(B=draw(batch), C=draw(st.integers(1, 3)), H=H, W=W,
+                size=draw(st.integers(min(min_size, top), top)), m=draw(st.integers(1, 20)),
+                h=draw(st.integers(1, 40)), d=draw(d), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def crossing_cases(backend, large_window=False):
+    """Shapes past the first tile/chunk: Triton H, W and d over 2 tiles with a ragged
+    last one (fused windows, or large ones over 2 window blocks); C++ chunked batches."""
+    if backend != "triton":
+        return token_cases(batch=st.sampled_from(CHUNKED_BATCHES))
+    if large_window:
+        return token_cases(batch=st.integers(1, 2), hw=st.integers(*CROSS), min_size=FUSED_MAX_SIZE + 1)
+    return token_cases(batch=st.integers(1, 2), hw=st.integers(*CROSS), max_size=FUSED_MAX_SIZE,
+                       d=st.integers(*CROSS))
 
 
 def oracle(x, mix_weight, freq_embed, w1, b1, w2, b2, size):
@@ -49,43 +62,86 @@ def test_reference_matches_oracle(case):
     assert relerr(spectral_token_ref(*inputs, size=size), oracle(*inputs, size)) < 1e-12
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@given(case=token_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
-@settings(max_examples=20)
-def test_fast_matches_reference(backend, device, case, dtype):
-    if backend == "triton":
-        dtype = torch.float32
+def check_forward(backend, case, dtype, device, x_dtype=None):
+    """The fast token of case against the float64 reference; x may be stored in x_dtype."""
     size = case["size"]
     inputs64 = make_inputs(**case, device=device)
     inputs = [t.to(dtype) for t in inputs64]
-    with forced(backend):
-        out = spectral_token(*inputs, size=size)
-    assert out.dtype == dtype
+    if x_dtype is not None:
+        inputs[0] = inputs[0].to(x_dtype)
+        inputs64[0] = inputs[0].double()  # the rounding of x is the caller's, not the kernel's
+    out = spectral_token(*inputs, size=size)
+    assert out.dtype == dtype and out.shape == (case["B"], case["d"])
     assert_close_to_ref(out, spectral_token_ref(*inputs64, size=size), spectral_token_ref(*inputs, size=size),
                         dtype, backend)
     assert torch.allclose(out.double().norm(dim=1), torch.ones(out.shape[0], dtype=torch.float64, device=device),
                           atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(case=token_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=20)
+def test_fast_matches_reference(backend, device, case, dtype):
+    if backend == "triton":
+        dtype = torch.float32
+    with forced(backend):
+        check_forward(backend, case, dtype, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(data=st.data())
+@settings(max_examples=12)
+def test_fast_crosses_tiles_and_chunks(backend, device, data):
+    """Triton: the fused kernel with H, W and d over 2 tiles (ragged), float16/bfloat16
+    images too. C++: batches over several chunks with a ragged last one."""
+    case = data.draw(crossing_cases(backend))
+    dtype = torch.float32 if backend == "triton" else data.draw(st.sampled_from([torch.float32, torch.float64]))
+    x_dtype = data.draw(st.sampled_from([None, torch.float16, torch.bfloat16])) if backend == "triton" else None
+    with crossing(backend):
+        check_forward(backend, case, dtype, device, x_dtype)
+
+
 @pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] == "triton"])
-def test_triton_large_window_path(backend, device):
-    """Windows past the fused limit go through the lowpass kernel + PyTorch head."""
-    inputs = [t.float() for t in make_inputs(2, 2, 40, 36, 20, 6, 8, 10, device=device)]
+@given(case=crossing_cases("triton", large_window=True))
+@settings(max_examples=6)
+def test_triton_large_window_path(backend, device, case):
+    """Windows past the fused limit go through the lowpass kernel (over 2 window
+    blocks and 2 plane tiles here) + the PyTorch head."""
+    with crossing("triton"):
+        check_forward("triton", case, torch.float32, device)
+
+
+@pytest.mark.parametrize("case", [dict(B=2, C=3, H=70, W=67, size=16, m=20, h=40, d=150),
+                                  dict(B=1, C=2, H=97, W=90, size=70, m=8, h=24, d=40)])
+def test_default_tiles_triton(case):
+    """Default tiles: H, W span 3 plane tiles of 32 and d = 150 spans 3 d-blocks of 64,
+    the last ones ragged (fused kernel); a window of 70 spans 2 window blocks of 64
+    (large-window path)."""
+    if "triton" not in dict(BACKENDS):
+        pytest.skip("triton not available here")
     with forced("triton"):
-        out = spectral_token(*inputs, size=20)
-    assert relerr(out, spectral_token_ref(*[t.double() for t in inputs], size=20)) < 1e-5
+        check_forward("triton", {**case, "seed": 5}, torch.float32, dict(BACKENDS)["triton"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_images_gpu(dtype):
-    inputs = make_inputs(16, 3, 224, 224, 16, 32, 64, 128, dtype=torch.float32, device="cuda")
-    x = inputs[0].to(dtype)
+    case = dict(B=16, C=3, H=224, W=224, size=16, m=32, h=64, d=128, seed=0)
     with forced("triton"):
-        out = spectral_token(x, *inputs[1:], size=16)
-    ref_low = spectral_token_ref(x, *inputs[1:], size=16)
-    ref64 = spectral_token_ref(x.double(), *[t.double() for t in inputs[1:]], size=16)
-    assert_close_to_ref(out, ref64, ref_low, dtype, "triton")
+        check_forward("triton", case, torch.float32, "cuda", x_dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [dict(B=5, C=3, H=224, W=200, size=16, m=32, h=64, d=150),
+                                  dict(B=3, C=1, H=161, W=150, size=15, m=7, h=33, d=257),
+                                  dict(B=2, C=2, H=300, W=257, size=131, m=8, h=16, d=20)])
+def test_triton_default_tiles_gpu(case):
+    """Default tiles on a GPU: > 2 plane tiles and d-blocks (ragged) in the fused kernel,
+    3 window blocks (ragged) on the large-window path; forward and backward."""
+    case = {**case, "seed": 1}
+    with forced("triton"):
+        check_forward("triton", case, torch.float32, "cuda")
+        check_backward("triton", case, "cuda", seed=2)
 
 
 def test_gradcheck_reference():
@@ -101,18 +157,16 @@ def test_gradcheck_ext():
         assert torch.autograd.gradcheck(lambda *a: spectral_token(*a, size=5), inputs)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@given(case=token_cases(max_hw=16, max_size=8))
-@settings(max_examples=8)
-def test_fast_backward_matches_reference(backend, device, case):
+def check_backward(backend, case, device, seed):
+    """Gradients of every input (the analytic backward) against autograd through the
+    float64 reference, for the forward of the currently forced backend."""
     dtype = torch.float64 if backend == "ext" else torch.float32
     size = case["size"]
     base = make_inputs(**case, device=device)
-    fast = [t.detach().to(dtype).requires_grad_() for t in base]
-    ref = [t.detach().requires_grad_() for t in base]
-    with forced(backend):
-        out = spectral_token(*fast, size=size)
-    g = torch.randn(out.shape, dtype=torch.float64, device=device)
+    fast = [t.to(dtype, copy=True).requires_grad_() for t in base]
+    ref = [t.detach().clone().requires_grad_() for t in base]
+    out = spectral_token(*fast, size=size)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     out.backward(g.to(dtype))
     spectral_token_ref(*ref, size=size).backward(g)
     bound = 1e-9 if dtype == torch.float64 else 1e-3
@@ -121,6 +175,24 @@ def test_fast_backward_matches_reference(backend, device, case):
             assert relerr(a.grad, b.grad) < bound, name
         else:  # a gradient that is zero up to roundoff (e.g. d=1: the token is +-1)
             assert a.grad.double().norm() < 1e-5 * g.norm(), name
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(case=token_cases(max_hw=16, max_size=8), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=8)
+def test_fast_backward_matches_reference(backend, device, case, seed):
+    with forced(backend):
+        check_backward(backend, case, device, seed)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=6)
+def test_fast_backward_crosses_tiles_and_chunks(backend, device, data, seed):
+    """As above on shapes crossing the forward's tiles/chunks, large Triton windows too."""
+    case = data.draw(crossing_cases(backend, large_window=backend == "triton" and data.draw(st.booleans())))
+    with crossing(backend):
+        check_backward(backend, case, device, seed)
 
 
 @pytest.mark.parametrize("qualname", ["omnifm::spectral_token", "omnifm::spectral_token_triton"])

@@ -5,18 +5,17 @@ For one block of the centred window (rows u0..u0+KB, columns v0..v0+KB):
     Re += Ch @ P - Sh @ Q, Im += Ch @ Q + Sh @ P   accumulated over H tiles
 so x is read once per window block and the full spectrum never exists.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .._dft import complex_basis
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter ignores TF32; on a GPU TF32 is ample for a log-magnitude spectrum.
-DOT_PRECISION = "ieee" if INTERPRET else "tf32"
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
+# Plane tile streamed per step; read by the wrappers at call time, so tests can
+# shrink it (down to MIN_DOT) to cross tiles on small images.
+BLOCK_H = 32
+BLOCK_W = 32
 
 
 def padded(k, cap=None):
@@ -39,8 +38,7 @@ def window_bases(H, W, size, pad, device):
 
 @triton.jit
 def window_block(plane_ptr, ch_ptr, sh_ptr, cw_ptr, sw_ptr, H, W, PAD, u0, v0,
-                 KB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 KB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """(re, im), each (KB, KB) float32, of one window block of a contiguous plane."""
     offs_k = tl.arange(0, KB)
     re = tl.zeros((KB, KB), dtype=tl.float32)
@@ -56,15 +54,18 @@ def window_block(plane_ptr, ch_ptr, sh_ptr, cw_ptr, sw_ptr, H, W, PAD, u0, v0,
             col = offs_w[:, None] * PAD + v0 + offs_k[None, :]
             cw = tl.load(cw_ptr + col, mask=offs_w[:, None] < W, other=0.0)
             sw = tl.load(sw_ptr + col, mask=offs_w[:, None] < W, other=0.0)
-            p = tl.dot(xt, cw, p, input_precision=PRECISION)
-            q = tl.dot(xt, sw, q, input_precision=PRECISION)
+            # IEEE, not TF32: small bins left after cancellation need float32 accuracy,
+            # and the interpreter (CI) computes IEEE, so CI tests the GPU's numeric path.
+            p = tl.dot(xt, cw, p, input_precision="ieee")
+            q = tl.dot(xt, sw, q, input_precision="ieee")
         row = (u0 + offs_k[:, None]) * H + offs_h[None, :]
         ch = tl.load(ch_ptr + row, mask=offs_h[None, :] < H, other=0.0)
         sh = tl.load(sh_ptr + row, mask=offs_h[None, :] < H, other=0.0)
-        re = tl.dot(ch, p, re, input_precision=PRECISION)
-        re = tl.dot(-sh, q, re, input_precision=PRECISION)
-        im = tl.dot(ch, q, im, input_precision=PRECISION)
-        im = tl.dot(sh, p, im, input_precision=PRECISION)
+        # IEEE for the same reason as above (TF32's ~1e-3 would dominate the error).
+        re = tl.dot(ch, p, re, input_precision="ieee")
+        re = tl.dot(-sh, q, re, input_precision="ieee")
+        im = tl.dot(ch, q, im, input_precision="ieee")
+        im = tl.dot(sh, p, im, input_precision="ieee")
     return re, im
 
 

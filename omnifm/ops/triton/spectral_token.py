@@ -11,17 +11,19 @@ import triton
 import triton.language as tl
 
 from .._checks import new_output
-from ._window import DOT_PRECISION, gelu, log1p, padded, window_bases, window_block
+from . import _window
+from ._window import gelu, log1p, padded, window_bases, window_block
+from .limits import SPECTRAL_FUSED_MAX_SIZE as FUSED_MAX_SIZE
 from .lowpass_spectrum import lowpass_spectrum_triton
 
-from .limits import SPECTRAL_FUSED_MAX_SIZE as FUSED_MAX_SIZE
+MAX_BLOCK_D = 64  # token columns per step of the second layer (tests shrink it)
 
 
 @triton.jit
 def _token_kernel(x_ptr, mix_ptr, embed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                   ch_ptr, sh_ptr, cw_ptr, sw_ptr, C, H, W, K, M, HID, D, eps,
                   KB: tl.constexpr, MP: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     # Bin n of the padded (KB, KB) window is (i, j) = (n // KB, n % KB); real bins are
     # i, j < K, numbered i*K + j as in the reference's row-major flattening.
@@ -35,7 +37,7 @@ def _token_kernel(x_ptr, mix_ptr, embed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out
                 mask=valid[:, None] & (offs_m[None, :] < M), other=0.0)
     for c in range(0, C):
         re, im = window_block(x_ptr + (b * C + c) * H * W, ch_ptr, sh_ptr, cw_ptr, sw_ptr,
-                              H, W, KB, 0, 0, KB, BLOCK_H, BLOCK_W, PRECISION)
+                              H, W, KB, 0, 0, KB, BLOCK_H, BLOCK_W)
         s = tl.reshape(log1p(tl.sqrt(re * re + im * im)), (KB * KB,))
         mix_c = tl.load(mix_ptr + offs_m * C + c, mask=offs_m < M, other=0.0)
         f += s[:, None] * mix_c[None, :]
@@ -43,7 +45,8 @@ def _token_kernel(x_ptr, mix_ptr, embed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out
     w1t = tl.load(w1_ptr + offs_h[None, :] * M + offs_m[:, None],
                   mask=(offs_h[None, :] < HID) & (offs_m[:, None] < M), other=0.0)
     b1 = tl.load(b1_ptr + offs_h, mask=offs_h < HID, other=0.0)
-    a1 = gelu(tl.dot(f, w1t, input_precision=PRECISION) + b1[None, :])
+    # IEEE, not TF32: the interpreter (CI) computes IEEE, so CI tests the GPU's path.
+    a1 = gelu(tl.dot(f, w1t, input_precision="ieee") + b1[None, :])
 
     # Pass 1: pooled (unnormalised) chunks of d go to out; pass 2 rescales them.
     sumsq = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -52,7 +55,7 @@ def _token_kernel(x_ptr, mix_ptr, embed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out
         w2t = tl.load(w2_ptr + offs_d[None, :] * HID + offs_h[:, None],
                       mask=(offs_d[None, :] < D) & (offs_h[:, None] < HID), other=0.0)
         b2 = tl.load(b2_ptr + offs_d, mask=offs_d < D, other=0.0)
-        a2 = gelu(tl.dot(a1, w2t, input_precision=PRECISION) + b2[None, :])
+        a2 = gelu(tl.dot(a1, w2t, input_precision="ieee") + b2[None, :])  # IEEE: see a1
         pooled = tl.sum(tl.where(valid[:, None], a2, 0.0), axis=0) / (K * K)
         pooled = tl.where(offs_d < D, pooled, 0.0)
         sumsq += pooled * pooled
@@ -83,7 +86,7 @@ def spectral_token_triton(x, mix_weight, freq_embed, w1, b1, w2, b2, size, head)
     kb = padded(size)
     ch, sh, cw, sw = window_bases(H, W, size, kb, x.device)
     _token_kernel[(B,)](x, *params, out, ch, sh, cw, sw, C, H, W, size, m, hid, d, 1e-12,
-                        KB=kb, MP=padded(m), HP=padded(hid), BLOCK_D=min(64, padded(d)),
-                        BLOCK_H=32, BLOCK_W=32, PRECISION=DOT_PRECISION,
+                        KB=kb, MP=padded(m), HP=padded(hid), BLOCK_D=min(MAX_BLOCK_D, padded(d)),
+                        BLOCK_H=_window.BLOCK_H, BLOCK_W=_window.BLOCK_W,
                         num_warps=8)  # (K*K, h) activations: more threads, fewer registers each
     return out
