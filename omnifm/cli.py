@@ -53,9 +53,11 @@ def _add_train_args(p):
                    "(classification: medmnist)")
     p.add_argument("--data-root", default=None, help="folder of the real data (classification: pathmnist.npz, "
                    "dermamnist.npz, bloodmnist.npz)")
-    p.add_argument("--scenario", default=d.scenario, help="the task's scenario (classification: hard, medium, "
-                   "extra)")
-    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--scenario", default=None, help="the task's scenario (classification: hard, medium, extra "
+                   "(default); segmentation: group1..group4 (default group4), all (fets); super_resolution: tissue "
+                   "(default), magnification)")
+    p.add_argument("--clients", type=int, default=None,
+                   help=f"default: what the scenario fixes (segmentation groupN), else {d.clients}")
     p.add_argument("--participation", type=float, default=d.participation)
     p.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds} (with --resume: as saved)")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs)
@@ -63,8 +65,10 @@ def _add_train_args(p):
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--samples-per-client", type=int, default=d.samples_per_client)
-    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--image-size", type=int, default=None, help=f"default {d.image_size} (64 for segmentation "
+                   "and super_resolution)")
     p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
+    p.add_argument("--scale", type=int, default=d.scale, help="super-resolution factor: 2, 4 or 8")
     p.add_argument("--share-bn-stats", action="store_true", help="also average BN running statistics")
     p.add_argument("--lam", type=float, default=d.lam, help="SPAlign weight (0: no-SPAlign ablation)")
     p.add_argument("--topk", type=int, default=d.topk)
@@ -98,6 +102,9 @@ def _train(args):
         if unknown:
             raise SystemExit(f"omnifm train: unknown strategy {unknown}; choose from {sorted(STRATEGIES)}")
         fields = {f.name for f in dataclasses.fields(FLConfig)}
+        for key, value in task_class(args.task).defaults(args.scenario).items():
+            if getattr(args, key) is None:  # the user's value wins over the task's default
+                setattr(args, key, value)
         base = FLConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
         os.makedirs(out, exist_ok=True)
         with open(config_path, "w") as fh:

@@ -33,6 +33,7 @@ class FLConfig:
     samples_per_client: int = 160
     image_size: int = 32
     width: float = 0.25  # backbone width factor
+    scale: int = 2  # super-resolution factor (tasks without one ignore it)
     share_bn_stats: bool = False  # default FedBN-style: BN running statistics stay local
     lam: float = 0.1  # SPAlign weight (0 = the no-SPAlign ablation)
     topk: int = 2

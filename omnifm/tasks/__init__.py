@@ -1,4 +1,4 @@
-"""The medical-imaging tasks of OmniFM, each a plug-in behind one interface
+"""The medical-imaging tasks of OmniFM (classification, segmentation, super-resolution), each a plug-in behind one interface
 (`omnifm.tasks.base.Task`), looked up by name. Task modules are imported only when
 asked for, so a task's dependencies load only when it runs."""
 import importlib
@@ -8,6 +8,8 @@ from .base import ClientData, Plain, Task
 # name -> "module:class"; a new task adds one line here.
 TASKS = {
     "classification": "omnifm.tasks.classification:ClassificationTask",
+    "segmentation": "omnifm.tasks.segmentation:SegmentationTask",
+    "super_resolution": "omnifm.tasks.super_resolution:SuperResolutionTask",
 }
 
 

@@ -35,6 +35,7 @@ class Task:
             FedRep and OmniFM).
         metrics: metric names, in table order (the keys in metrics.jsonl, lowercase).
         main_metric: the one shown in the progress bar and used for "best".
+    A task may also override `defaults` (settings for the command line).
     """
     name = ""
     head_prefix = ""
@@ -43,6 +44,13 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @classmethod
+    def defaults(cls, scenario=None):
+        """Settings this task (and scenario, when given) changes from FLConfig's
+        defaults, e.g. its default scenario, image size, or the number of clients a
+        scenario fixes (one per institution). The CLI applies them unless given."""
+        return {}
 
     # -- data and model -----------------------------------------------------
     def federation(self):

@@ -1,5 +1,4 @@
 """Every task honours the Task interface, and the federation layer knows no task."""
-import dataclasses
 import os
 import re
 
@@ -7,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from omnifm.fl import FLConfig
+from omnifm.fl import FLConfig, Simulation
 from omnifm.fl.client import in_order
-from omnifm.tasks import TASKS, ClientData, Task, get_task
+from omnifm.tasks import TASKS, ClientData, Task, get_task, task_class
 
 FL_DIR = os.path.join(os.path.dirname(__import__("omnifm.fl", fromlist=["x"]).__file__))
-TINY = dict(clients=3, samples_per_client=24, image_size=16, width=0.125)
+TINY = dict(clients=3, samples_per_client=12, image_size=32, width=0.125)
 
 
 def test_fl_has_no_task_code():
@@ -38,7 +37,7 @@ def test_unknown_task_is_refused():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_conforms(name):
-    cfg = dataclasses.replace(FLConfig(task=name), **TINY)
+    cfg = FLConfig(task=name, **{**task_class(name).defaults(), **TINY})  # group4 has 3 institutions
     task = get_task(name, cfg)
     assert isinstance(task, Task) and task.name == name
     assert task.head_prefix and task.metrics and task.main_metric in task.metrics
@@ -66,3 +65,48 @@ def test_task_conforms(name):
         assert set(metrics) == set(task.metrics) and all(isinstance(v, float) for v in metrics.values())
     groups = task.prototype_groups(y)
     assert groups.shape == (len(y),) and groups.dtype == torch.int64
+
+
+RUN = dict(TINY, participation=0.67, local_epochs=1, batch_size=4)
+
+
+def config(task, strategy, rounds):
+    return FLConfig(task=task, strategy=strategy, rounds=rounds, **{**task_class(task).defaults(), **RUN})
+
+
+@pytest.mark.parametrize("strategy", ["omnifm", "fedavg"])
+@pytest.mark.parametrize("name", sorted(set(TASKS) - {"classification"}))  # classification: tests/fl
+def test_resume_and_same_seed(name, strategy, tmp_path):
+    """Same seed -> same full state; resumed run == uninterrupted run, for every task."""
+    from tests.fl.test_simulation import assert_same_state
+
+    torch.set_num_threads(1)
+    full = Simulation(config(name, strategy, 2), str(tmp_path / "full"), progress=False)
+    full.run()
+    again = Simulation(config(name, strategy, 2), progress=False)
+    again.run()
+    assert_same_state(again, full)
+    Simulation(config(name, strategy, 1), str(tmp_path / "cut"), progress=False).run()
+    resumed = Simulation(config(name, strategy, 2), str(tmp_path / "cut"), progress=False)
+    resumed.run(resume=True)
+    assert_same_state(resumed, full)
+    row = full.history[-1]
+    assert set(task_class(name).metrics) <= set(row) and row["rejected"] == []
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_cli_two_rounds(name, tmp_path):
+    """`omnifm train --task NAME` end to end: a table with the task's metrics, curves."""
+    import subprocess
+    import sys
+
+    args = ["--task", name, "--strategy", "omnifm,fedavg", "--rounds", "2", "--clients", "3",
+            "--samples-per-client", "12", "--image-size", "32", "--width", "0.125", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "omnifm.cli", "train", *args], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "results.md").read_text()
+    for metric in task_class(name).metrics:
+        assert f"| {metric} " in table.splitlines()[2]
+    assert (tmp_path / "curves.png").stat().st_size > 0
