@@ -7,17 +7,23 @@ index) pair is packed into one int64 key, order-preserving float bits high and t
 complemented index low, so "higher score, then lower index" is plain integer order and
 the merge is exact. The host then takes the top-k keys over the chunks and unpacks.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import new_output
 from ..cosine_topk import inverse_norms
-from ._window import DOT_PRECISION, INTERPRET
 from .limits import TOPK_MAX_K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 EMPTY = -(2**63)  # key of "no candidate": below every real key
 LOW32 = 0xFFFFFFFF
+# Tile sizes: query rows, bank rows, largest feature block (tl.dot needs each >= 16).
+# Module-level so tests can shrink them and cross every tile with small shapes.
+BQ, BN, BD_MAX = (32, 32, 64) if INTERPRET else (64, 64, 64)
 
 
 @triton.jit
@@ -30,8 +36,7 @@ def _pack(score, index):
 
 @triton.jit
 def _topk_kernel(q_ptr, bank_ptr, rq_ptr, keys_ptr, bad_ptr, B, D, n_valid, rows_per_chunk, n_chunks, eps,
-                 KP: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 KP: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_q = tl.program_id(0)
     chunk = tl.program_id(1)
     offs_q = pid_q * BQ + tl.arange(0, BQ)
@@ -54,7 +59,8 @@ def _topk_kernel(q_ptr, bank_ptr, rq_ptr, keys_ptr, bad_ptr, B, D, n_valid, rows
                         mask=q_live[:, None] & (offs_d[None, :] < D), other=0.0).to(b.dtype)
             bf = b.to(tl.float32)
             sq += tl.sum(bf * bf, axis=1)
-            dots = tl.dot(q, tl.trans(b), dots, input_precision=PRECISION)
+            # IEEE float32 (the interpreter's arithmetic too): TF32's ~1e-3 error would reorder near-ties.
+            dots = tl.dot(q, tl.trans(b), dots, input_precision="ieee")
         bad = live & ((sq != sq) | (sq == float("inf")))
         if tl.max(bad.to(tl.int32), axis=0) > 0:
             tl.atomic_max(bad_ptr, tl.max(tl.where(bad, offs_n + 1, 0), axis=0))
@@ -94,7 +100,7 @@ def cosine_topk_triton(queries, bank, k, n_valid, rows_per_chunk=None):
         return new_output((0, k), torch.float32, q.device), torch.empty(0, k, dtype=torch.int64, device=q.device)
     rq = inverse_norms(q)
     KP = max(2, triton.next_power_of_2(k))
-    BQ, BN, BD = 32 if INTERPRET else 64, 32 if INTERPRET else 64, min(64, max(16, triton.next_power_of_2(D)))
+    BD = min(BD_MAX, max(16, triton.next_power_of_2(D)))
     n_qblocks = triton.cdiv(B, BQ)
     if rows_per_chunk is None:
         # Enough programs to fill the device; at least one tile per chunk.
@@ -105,7 +111,7 @@ def cosine_topk_triton(queries, bank, k, n_valid, rows_per_chunk=None):
     keys = torch.empty(B, n_chunks, KP, dtype=torch.int64, device=q.device)
     bad = torch.zeros(1, dtype=torch.int32, device=q.device)
     _topk_kernel[(n_qblocks, n_chunks)](q, bank, rq, keys, bad, B, D, n_valid, rows_per_chunk, n_chunks, 1e-12,
-                                        KP=KP, BQ=BQ, BN=BN, BD=BD, PRECISION=DOT_PRECISION)
+                                        KP=KP, BQ=BQ, BN=BN, BD=BD)
     if bad.item() > 0:
         raise ValueError(f"bank: row {bad.item() - 1} is not finite (or its norm overflows)")
     top = torch.topk(keys.view(B, -1), k, dim=1).values
