@@ -1,14 +1,24 @@
-"""Benchmark of eca_attention against eager attention and its torch.compile.
+"""Benchmark of eca_attention against plain-PyTorch formulations of the same math.
 
-    python bench/bench_eca.py                     # CPU: B=32 L=3136 d=dh=256 k=2
+    python bench/bench_eca.py                     # CPU: B=32 L=3136 d=dh=256 k=2 float32
     python bench/bench_eca.py --device cuda
 
-Eager is what a user would write: three projections and
-F.scaled_dot_product_attention. Times forward, and forward+backward (gradients for r,
-protos and the three weights), prints ms and speed-up over eager, appends to
-bench/results.csv.
+Baselines, each given gradients for r, protos and the three weights by autograd:
+- naive eager: the three projections and F.scaled_dot_product_attention; it forms the
+  (B, L, dh) queries, as the textbook formula does.
+- rank-k eager: the same reordering the fused op uses, in PyTorch: at = (protos Wk)
+  Wq^T / sqrt(dh), vp = protos Wv, Z = softmax(r at^T) vp with torch.bmm. It reads r
+  once and writes Z once, like the fused op: the strongest plain-PyTorch baseline.
+- torch.compile of rank-k eager.
+Then the fused op with its backend forced (ext on CPU, triton on CUDA) and as
+dispatched (auto). Every implementation's output and gradients are checked against
+the float64 reference first; a wrong or failing one gets no time and the script exits
+1. Times forward (no grad) and forward+backward; prints ms, the ratio against every
+baseline and the effective bandwidth of the fused algorithm's minimal traffic (forward:
+read r, write Z; backward: read r and grad, write dr), next to a measured copy's.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -16,13 +26,38 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import append_csv, forced_backend, print_table, time_ms  # noqa: E402
+from harness import (Failures, append_csv, check_answer, copy_bandwidth_gbps, device_name,  # noqa: E402
+                     forced_backend, print_table, time_ms)
 
-from omnifm.ops import eca_attention  # noqa: E402
+from omnifm.ops import eca_attention, eca_attention_ref  # noqa: E402
+
+RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+NAMES = ("Z", "d r", "d protos", "d wq", "d wk", "d wv")
 
 
-def eager(r, protos, wq, wk, wv):
+def naive_eager(r, protos, wq, wk, wv):
     return F.scaled_dot_product_attention(r @ wq, protos @ wk, protos @ wv)
+
+
+def rank_k_eager(r, protos, wq, wk, wv):
+    at = (protos @ wk) @ wq.T / math.sqrt(wq.shape[1])  # (B, k, d)
+    return torch.bmm(torch.softmax(torch.bmm(r, at.transpose(1, 2)), dim=-1), protos @ wv)
+
+
+def fused(backend):
+    def run(*inputs):
+        with forced_backend(backend):
+            return eca_attention(*inputs)
+
+    return run
+
+
+def outputs_and_grads(fn, inputs, grad):
+    """[Z, then the gradient of each input] of fn for the upstream gradient grad."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
 
 
 def main(argv=None):
@@ -34,35 +69,54 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=256)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-csv", dest="csv", action="store_false")
     args = p.parse_args(argv)
+    if args.k < 2:
+        p.error("--k must be at least 2: with one key the softmax is constant and three gradients vanish")
 
+    torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device, dtype).requires_grad_()
     d, dh = args.dim, args.head_dim
-    inputs = [mk(args.batch, args.tokens, d), mk(args.batch, args.k, d),
-              mk(d, dh, sc=d ** -0.5), mk(d, dh, sc=d ** -0.5), mk(d, dh, sc=d ** -0.5)]
+    base = [torch.randn(args.batch, args.tokens, d, generator=g), torch.randn(args.batch, args.k, d, generator=g)]
+    base += [torch.randn(d, dh, generator=g) * d ** -0.5 for _ in range(3)]
+    inputs = [t.to(device, dtype).requires_grad_() for t in base]
     grad = torch.randn(args.batch, args.tokens, dh, generator=g).to(device, dtype)
-    fused_name = "triton" if device.type == "cuda" else "ext"
-    impls = {"eager (proj + sdpa)": eager}
+    want = outputs_and_grads(eca_attention_ref, [t.double() for t in base], grad.double().cpu())
+
+    baselines = ["naive eager (proj + sdpa)", "rank-k eager"]
+    impls = {baselines[0]: naive_eager, baselines[1]: rank_k_eager}
     if args.compile:
-        impls["torch.compile(eager)"] = torch.compile(eager)
+        baselines.append("torch.compile(rank-k eager)")
+        impls[baselines[-1]] = torch.compile(rank_k_eager)
+    fused_name = "triton" if device.type == "cuda" else "ext"
+    impls[f"omnifm {fused_name}"] = fused(fused_name)
+    impls["omnifm auto"] = fused("auto")
 
-    def fused(*a):
-        with forced_backend(fused_name):
-            return eca_attention(*a)
+    failures, checked = Failures(), {}
+    for name, fn in impls.items():
+        try:
+            got = outputs_and_grads(fn, inputs, grad)
+            for what, a, b in zip(NAMES, got, want):
+                check_answer(f"{name} {what}", a, b, RTOL[dtype])
+            checked[name] = fn
+        except Exception as exc:  # a wrong answer or a crash: no time for it
+            failures.add(name, exc)
 
-    impls[f"omnifm {fused_name}"] = fused
+    size = inputs[0].element_size()
+    r_bytes, z_bytes = args.batch * args.tokens * d * size, args.batch * args.tokens * dh * size
+    traffic = {"forward": r_bytes + z_bytes, "forward+backward": 3 * r_bytes + 3 * z_bytes}
     shape = f"B={args.batch} L={args.tokens} d={d} dh={dh} k={args.k} {args.dtype}"
-    nbytes = (args.batch * args.tokens * (d + dh)) * inputs[0].element_size()  # read r + write Z
-    rows = []
+    print(f"device: {device_name(device)}  shape: {shape}")
+    print(f"copy bandwidth (read + write): {copy_bandwidth_gbps(r_bytes, device):.1f} GB/s")
+    all_rows = []
     for mode in ("forward", "forward+backward"):
-        base = None
-        for name, fn in impls.items():
+        rows = []
+        for name, fn in checked.items():
             if mode == "forward":
                 def run(fn=fn):
                     with torch.no_grad():
@@ -73,12 +127,12 @@ def main(argv=None):
                     for t in inputs:
                         t.grad = None
             ms = time_ms(run, device, args.warmup, args.repeat)
-            base = base or ms
-            rows.append({"impl": f"{mode}: {name}", "ms": ms, "speedup": base / ms,
-                         "gbps": nbytes / ms / 1e6 if mode == "forward" else None})
-    print_table(f"eca_attention ({shape}) on {device}", rows)
+            rows.append({"impl": name, "ms": ms, "gbps": traffic[mode] / ms / 1e6})
+        print_table(f"eca_attention {mode} ({shape}) on {device}", rows, baselines)
+        all_rows += [{**r, "impl": f"{mode}: {r['impl']}"} for r in rows]
     if args.csv:
-        append_csv("eca", device, shape, rows)
+        append_csv("eca", device, shape, all_rows)
+    failures.exit_if_any()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
+import ast
 import math
+import pathlib
+from unittest import mock
 
 import pytest
 import torch
@@ -72,7 +75,7 @@ def test_fast_backward_matches_reference(backend, device, case):
     ref = [t.clone().requires_grad_() for t in base]
     with forced(backend):
         out = eca_attention(*fast)
-    g = torch.randn(out.shape, dtype=torch.float64, device=device)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 1)).to(device)
     out.backward(g.to(dtype))
     eca_attention_ref(*ref).backward(g)
     bound = 1e-9 if dtype == torch.float64 else 1e-4
@@ -168,3 +171,122 @@ def test_errors_name_the_argument(backend):
         for fn, exc, name in cases:
             with pytest.raises(exc, match=rf"^{name}:"):
                 fn()
+
+
+# --- Shapes crossing every tile and chunk. The C++ kernel parallelises over chunks of
+# 256 token rows (kChunkRows) and sums d(at), d(vp) per chunk; the Triton kernel tiles
+# rows (BL), features of r (BD) and of Z (BDH), which tests shrink to 16, and sums
+# d(at), d(vp) per row block. Each drawn size spans 2-3 whole tiles plus a ragged part.
+
+EXT_CHUNK = 256
+SMALL = 16  # the smallest tile tl.dot accepts; also the padded size of k <= 16
+TRITON_SOURCE = pathlib.Path(eca_attention_ref.__code__.co_filename).parent / "triton" / "eca_attention.py"
+
+
+def small_tiles():
+    """Shrink the Triton tiles to 16 so small shapes cross every one of them."""
+    from omnifm.ops.triton import eca_attention as kernel
+
+    return mock.patch.multiple(kernel, BL=SMALL, BD_MAX=SMALL, BDH_MAX=SMALL)
+
+
+def past(tile):
+    """A size spanning 2 or 3 whole tiles plus a ragged part (1..tile-1 more)."""
+    return st.integers(2, 3).flatmap(lambda n: st.integers(n * tile + 1, (n + 1) * tile - 1))
+
+
+@st.composite
+def crossing_cases(draw, backend):
+    """B > 1; L past 2 chunks/row blocks; for Triton d and dh past 2 feature tiles; k up
+    to the padded limit 16 and past it."""
+    if backend == "ext":
+        L, d, dh = draw(past(EXT_CHUNK)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    else:
+        L, d, dh = draw(past(SMALL)), draw(past(SMALL)), draw(past(SMALL))
+    return dict(B=draw(st.integers(2, 3)), L=L, d=d, dh=dh, k=draw(st.sampled_from([1, 2, 3, 7, 15, 16, 17])),
+                seed=draw(st.integers(0, 2**31 - 1)), scale=draw(st.sampled_from([0.1, 1.0, 4.0])))
+
+
+def check_forward_backward(backend, device, case, dtype):
+    """Output and the gradients of all five inputs against the float64 reference, each
+    within 3x the error of the reference run in dtype plus a floor."""
+    base = make_inputs(**case, device=device)
+    g = torch.randn(case["B"], case["L"], case["dh"], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(case["seed"] + 1)).to(device)
+    runs = {}
+    for name, tensors, fn in (("fast", [t.to(dtype) for t in base], eca_attention),
+                              ("ref", [t.to(dtype) for t in base], eca_attention_ref),
+                              ("ref64", base, eca_attention_ref)):
+        tensors = [t.clone().requires_grad_() for t in tensors]
+        with forced(backend if name == "fast" else "reference"):
+            out = fn(*tensors)
+        out.backward(g.to(dtype))
+        runs[name] = [out] + [t.grad for t in tensors]
+    for what, fast, ref, ref64 in zip(("Z",) + NAMES, runs["fast"], runs["ref"], runs["ref64"]):
+        assert fast.dtype == dtype and fast.shape == ref64.shape, what
+        if ref64.norm() > 1e-8 * g.norm():
+            bound = 3 * relerr(ref, ref64) + 10 * FLOOR[dtype]
+            err = relerr(fast, ref64)
+            assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
+        else:  # zero up to roundoff: k=1 (softmax of one key is constant)
+            assert fast.double().norm() <= 10 * ref.double().norm() + 1e-5 * g.norm(), what
+
+
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] == "ext"])
+@given(case=crossing_cases("ext"), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=12)
+def test_ext_crossing_chunks(backend, device, case, dtype):
+    check_forward_backward(backend, device, case, dtype)
+
+
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] == "triton"])
+@given(case=crossing_cases("triton"))
+@settings(max_examples=10)
+def test_triton_crossing_small_tiles(backend, device, case):
+    with small_tiles():
+        check_forward_backward(backend, device, case, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b[0] == "triton"])
+def test_triton_crossing_default_tiles(backend, device):
+    from omnifm.ops.triton import eca_attention as kernel
+
+    L, d, dh = 2 * kernel.BL + 37, 2 * kernel.BD_MAX + 44, 2 * kernel.BDH_MAX + 4
+    check_forward_backward(backend, device, dict(B=2, L=L, d=d, dh=dh, k=5, seed=3), torch.float32)
+
+
+def test_ext_backward_independent_of_threads():
+    """The per-chunk partial sums are reduced in a fixed order: the core's gradients
+    are bitwise the same with 1 and 2 threads."""
+    if "ext" not in dict(BACKENDS):
+        pytest.skip("ext not available here")
+    g = torch.Generator().manual_seed(5)
+    args = [torch.randn(*s, generator=g) for s in ((2, 3 * EXT_CHUNK + 5, 20), (2, 3 * EXT_CHUNK + 5, 24),
+                                                    (2, 3, 24), (2, 3, 20))]
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.ops.omnifm.eca_core_backward(*args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_crossing_gpu(dtype):
+    """A larger shape past the default tiles on every axis, forward and backward."""
+    check_forward_backward("triton", "cuda", dict(B=3, L=1000, d=300, dh=200, k=5, seed=4), dtype)
+
+
+def test_triton_dots_are_ieee():
+    """Every tl.dot asks for IEEE float32: the interpreter computes IEEE whatever it is
+    told, so only this check sees a GPU-only TF32 dot."""
+    tree = ast.parse(TRITON_SOURCE.read_text())
+    dots = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "dot"]
+    assert dots
+    for call in dots:
+        precision = {kw.arg: kw.value for kw in call.keywords}.get("input_precision")
+        assert isinstance(precision, ast.Constant) and precision.value == "ieee", f"line {call.lineno}"
