@@ -11,11 +11,13 @@ Baselines, each given gradients for r, protos and the three weights by autograd:
   once and writes Z once, like the fused op: the strongest plain-PyTorch baseline.
 - torch.compile of rank-k eager.
 Then the fused op with its backend forced (ext on CPU, triton on CUDA) and as
-dispatched (auto). Every implementation's output and gradients are checked against
-the float64 reference first; a wrong or failing one gets no time and the script exits
-1. Times forward (no grad) and forward+backward; prints ms, the ratio against every
-baseline and the effective bandwidth of the fused algorithm's minimal traffic (forward:
-read r, write Z; backward: read r and grad, write dr), next to a measured copy's.
+dispatched (auto; its note says which backend ran: on CPU, forward-only calls run the
+reference backend's rank-k core). Every implementation's output and gradients are
+checked against the float64 reference first; a wrong or failing one gets no time and
+the script exits 1. Times forward (no grad) and forward+backward; prints ms, the ratio
+against every baseline and the effective bandwidth of the fused algorithm's minimal
+traffic (forward: read r, write Z; backward: read r and grad, write dr), next to a
+measured copy's and the time to allocate and fill a fresh Z.
 """
 import argparse
 import math
@@ -29,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Failures, append_csv, check_answer, copy_bandwidth_gbps, device_name,  # noqa: E402
                      forced_backend, print_table, time_ms)
 
-from omnifm.ops import eca_attention, eca_attention_ref  # noqa: E402
+from omnifm.ops import _backend, eca_attention, eca_attention_ref  # noqa: E402
+from omnifm.ops.eca_attention import backend_checks  # noqa: E402
 
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 NAMES = ("Z", "d r", "d protos", "d wq", "d wk", "d wv")
@@ -50,6 +53,11 @@ def fused(backend):
             return eca_attention(*inputs)
 
     return run
+
+
+def auto_backend(device, dtype, needs_grad):
+    """The backend auto dispatch picks for these inputs (on CPU it depends on needs_grad)."""
+    return _backend.choose(backend_checks(device.type, dtype, needs_grad), device.type).backend
 
 
 def outputs_and_grads(fn, inputs, grad):
@@ -103,6 +111,8 @@ def main(argv=None):
             got = outputs_and_grads(fn, inputs, grad)
             for what, a, b in zip(NAMES, got, want):
                 check_answer(f"{name} {what}", a, b, RTOL[dtype])
+            with torch.no_grad():  # the forward timing runs this path, which may differ
+                check_answer(f"{name} Z (no grad)", fn(*inputs), want[0], RTOL[dtype])
             checked[name] = fn
         except Exception as exc:  # a wrong answer or a crash: no time for it
             failures.add(name, exc)
@@ -113,6 +123,11 @@ def main(argv=None):
     shape = f"B={args.batch} L={args.tokens} d={d} dh={dh} k={args.k} {args.dtype}"
     print(f"device: {device_name(device)}  shape: {shape}")
     print(f"copy bandwidth (read + write): {copy_bandwidth_gbps(r_bytes, device):.1f} GB/s")
+    # Every implementation allocates a fresh Z (and dr): on CPU its page faults can cost
+    # more than the arithmetic, a floor no kernel removes.
+    fresh = time_ms(lambda: torch.empty(args.batch, args.tokens, dh, dtype=dtype, device=device).fill_(0), device,
+                    args.warmup, args.repeat)
+    print(f"allocating and filling a fresh Z: {fresh:.3f} ms")
     all_rows = []
     for mode in ("forward", "forward+backward"):
         rows = []
@@ -127,7 +142,8 @@ def main(argv=None):
                     for t in inputs:
                         t.grad = None
             ms = time_ms(run, device, args.warmup, args.repeat)
-            rows.append({"impl": name, "ms": ms, "gbps": traffic[mode] / ms / 1e6})
+            note = f"runs {auto_backend(device, dtype, mode != 'forward')}" if name == "omnifm auto" else ""
+            rows.append({"impl": name, "ms": ms, "gbps": traffic[mode] / ms / 1e6, "note": note})
         print_table(f"eca_attention {mode} ({shape}) on {device}", rows, baselines)
         all_rows += [{**r, "impl": f"{mode}: {r['impl']}"} for r in rows]
     if args.csv:

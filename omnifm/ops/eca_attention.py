@@ -4,10 +4,16 @@
     Z = softmax((r Wq)(protos Wk)^T / sqrt(dh)) (protos Wv)
 
 r (B, L, d) tokens, protos (B, k, d), wq/wk/wv (d, dh). With k keys only, the logits
-are r . A with A = Wq (protos Wk)^T / sqrt(dh), a (d, k) matrix per sample: the fused
-path computes at = A^T (B, k, d) and vp = protos Wv (B, k, dh) with small matmuls
-(autograd handles them), then the core kernel reads r once and writes Z once; the
-(B, L, dh) query tensor is never formed. Gradients flow to r, protos and every weight.
+are r . A with A = Wq (protos Wk)^T / sqrt(dh), a (d, k) matrix per sample: every
+backend computes at = A^T (B, k, d) and vp = protos Wv (B, k, dh) with small matmuls
+(autograd handles them), then the core softmax(r . at^T) vp reads r once and writes Z
+once; the (B, L, dh) query tensor is never formed. The core runs fused (ext, triton) or
+as two bmm and a softmax in PyTorch (the reference backend). Gradients flow to r,
+protos and every weight.
+
+On CPU, auto dispatch runs forward-only calls (no gradient recorded) on the reference
+backend, not ext: the fused forward does not beat the PyTorch core there, while its
+backward does (see CPU_EXT_SKIPPED). OMNIFM_BACKEND=ext forces it for every call.
 """
 import math
 
@@ -50,12 +56,28 @@ def _validate(r, protos, wq, wk, wv):
     check_same_dtype(**named)
 
 
-def backend_checks(dev, dtype):
-    """{backend: () -> None | why not} for a device type and dtype."""
+# Measured at B=32 L=3136 d=dh=256 k=2 float32, 2 threads (bench/bench_eca.py on a shared
+# 2-core VM): the fused CPU forward is 0.93-1.04x the PyTorch core, both bound by the page
+# faults of their fresh (B, L, dh) output; forward+backward 1.16-1.22x (one pass over r
+# and grad where autograd makes two).
+CPU_EXT_SKIPPED = ("usable, but forward-only CPU calls run the reference backend's rank-k PyTorch core, which "
+                   "the fused forward does not beat; calls that record gradients run ext (bench/bench_eca.py)")
+
+
+def _ext_check(dev, dtype, needs_grad):
+    why = _backend.ext_status(OP, dev) or (
+        None if dtype in (torch.float32, torch.float64) else f"ext takes float32/float64, not {dtype}")
+    if why is None and dev == "cpu" and not needs_grad and _backend.forced_backend() != "ext":
+        return CPU_EXT_SKIPPED
+    return why
+
+
+def backend_checks(dev, dtype, needs_grad=False):
+    """{backend: () -> None | why not} for a device type and dtype; needs_grad: whether
+    autograd records the call (on CPU it decides between ext and the reference)."""
     return {
         "reference": lambda: None,
-        "ext": lambda: _backend.ext_status(OP, dev)
-        or (None if dtype in (torch.float32, torch.float64) else f"ext takes float32/float64, not {dtype}"),
+        "ext": lambda: _ext_check(dev, dtype, needs_grad),
         "triton": lambda: _backend.triton_status(dev)
         or (None if dtype != torch.float64 else "the Triton kernel takes float16/bfloat16/float32"),
     }
@@ -64,14 +86,15 @@ def backend_checks(dev, dtype):
 def eca_attention(r, protos, wq, wk, wv):
     """ECA cross-attention; see module doc. Output dtype = r's dtype."""
     _validate(r, protos, wq, wk, wv)
-    backend = _backend.choose(backend_checks(r.device.type, r.dtype), r.device.type).backend
-    if backend == "reference":
-        return eca_attention_ref(r, protos, wq, wk, wv)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, protos, wq, wk, wv))
+    backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad), r.device.type).backend
     at = (protos @ wk) @ wq.transpose(0, 1) / math.sqrt(wq.shape[1])  # (B, k, d)
     vp = protos @ wv  # (B, k, dh)
     if backend == "ext":
         return torch.ops.omnifm.eca_core(r, at, vp)
-    return torch.ops.omnifm.eca_core_triton(r, at, vp)
+    if backend == "triton":
+        return torch.ops.omnifm.eca_core_triton(r, at, vp)
+    return eca_core_ref(r, at, vp)
 
 
 # --- registration: the core op of each fused backend, its fake and its backward.

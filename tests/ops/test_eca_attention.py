@@ -1,4 +1,5 @@
 import ast
+import importlib
 import math
 import pathlib
 from unittest import mock
@@ -253,6 +254,33 @@ def test_triton_crossing_default_tiles(backend, device):
 
     L, d, dh = 2 * kernel.BL + 37, 2 * kernel.BD_MAX + 44, 2 * kernel.BDH_MAX + 4
     check_forward_backward(backend, device, dict(B=2, L=L, d=d, dh=dh, k=5, seed=3), torch.float32)
+
+
+@given(case=eca_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=15)
+def test_reference_backend_matches_reference(case, dtype):
+    """The reference backend (what CPU runs by default) computes the rank-k core in
+    PyTorch, not eca_attention_ref itself: check it like a fast path."""
+    check_forward_backward("reference", "cpu", case, dtype)
+
+
+def test_cpu_auto_dispatch():
+    """On CPU, auto runs forward-only calls on the reference backend's rank-k core (and
+    backend_info says why), calls that record gradients on ext."""
+    from omnifm.ops import backend_info
+
+    module = importlib.import_module("omnifm.ops.eca_attention")  # the package exports the function by that name
+    choice = backend_info()["ops"]["eca_attention"]["cpu"]
+    assert choice["backend"] == "reference"
+    inputs = [t.float().requires_grad_() for t in make_inputs(2, 9, 8, 6, 3)]
+    with mock.patch.object(module, "eca_core_ref", wraps=module.eca_core_ref) as core_ref:
+        with torch.no_grad():
+            eca_attention(*inputs)
+        assert core_ref.call_count == 1
+        if "ext" in dict(BACKENDS):
+            assert "rank-k" in choice["skipped"]["ext"]
+            eca_attention(*inputs)
+            assert core_ref.call_count == 1
 
 
 def test_ext_backward_independent_of_threads():

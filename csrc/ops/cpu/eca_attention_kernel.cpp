@@ -1,13 +1,18 @@
-// CPU kernels of the ECA core: with k keys only, every token row needs k dot products
-// for its logits, a k-way softmax and a k-term sum for its output. Chunks of rows run
-// in parallel and stay in cache between their steps, so r is read from memory once
-// and Z written once; Q = r Wq is never formed. The backward reads r and grad once,
-// writes dr once, and reduces d(at), d(vp) per chunk of rows (fixed order, so the
-// result is deterministic).
-#include <ATen/Parallel.h>
+// CPU kernels of the ECA core, Z = softmax(r . at^T) vp with k keys: per token row, k
+// dot products of length d, a k-way softmax and a k-term sum of length dh. The op is
+// memory-bound (it reads r once and writes Z once), so each row is streamed through
+// once, in plain loops that the compiler vectorises; Q = r Wq is never formed. Rows go
+// in chunks of kChunkRows, the unit of parallel work. The backward reads r and grad
+// once, writes dr once, and sums d(at), d(vp) per chunk, then over chunks in a fixed
+// order: the result does not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
 
 #include "check.h"
 
@@ -16,6 +21,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunkRows = 256;
+// Independent partial sums of a dot product: without -ffast-math the compiler may
+// not reorder one running sum, but it vectorises kLanes separate ones.
+constexpr int64_t kLanes = 16;
 
 void check_core(const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp) {
   TORCH_CHECK_VALUE(r.dim() == 3, "r: expected (B, L, d)");
@@ -30,24 +38,129 @@ void check_core(const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp
                    "at, vp: expected the dtype of r");
 }
 
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[i + l] * y[i + l];
+  }
+  T s = 0;
+  for (; i < n; ++i) s += x[i] * y[i];
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// p (k) = softmax over the k keys of row . a_j, a (k, d).
+template <typename T>
+inline void probs(const T* row, const T* a, int64_t k, int64_t d, T* p) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    p[j] = dot(row, a + j * d, d);
+    m = std::max(m, p[j]);
+  }
+  T s = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    p[j] = std::exp(p[j] - m);
+    s += p[j];
+  }
+  for (int64_t j = 0; j < k; ++j) p[j] /= s;
+}
+
+// out (n) = sum_j c_j m_j, m (k, n). out is one row: it stays in cache between terms.
+template <typename T>
+inline void combine(const T* c, const T* m, int64_t k, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = c[0] * m[i];
+  for (int64_t j = 1; j < k; ++j) {
+    const T cj = c[j], *mj = m + j * n;
+    for (int64_t i = 0; i < n; ++i) out[i] += cj * mj[i];
+  }
+}
+
+// acc (n) += c x (n)
+template <typename T>
+inline void axpy(T c, const T* x, int64_t n, T* acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += c * x[i];
+}
+
+// f(task) for each task in [0, n) on torch's intra-op threads. at::parallel_for is a
+// header template that runs serially in an extension built without -fopenmp (this one);
+// TensorIterator::for_each calls it from inside libtorch, which is built with OpenMP.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  const at::Tensor ids = at::arange(n, at::kLong);
+  at::TensorIterator iter = at::TensorIteratorConfig().add_const_input(ids).build();
+  iter.for_each(
+      [&](char** data, const int64_t* strides, int64_t size) {
+        for (int64_t i = 0; i < size; ++i) f(*reinterpret_cast<const int64_t*>(data[0] + i * strides[0]));
+      },
+      1);
+}
+
+template <typename T>
+void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, int64_t d, int64_t k, int64_t dh) {
+  const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
+  parallel_tasks(B * chunks, [&](int64_t task) {
+    std::vector<T> p(k);
+    const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
+    const int64_t l1 = std::min(L, l0 + kChunkRows);
+    const T *ab = a + b * k * d, *vpb = vp + b * k * dh;
+    for (int64_t l = l0; l < l1; ++l) {
+      probs(r + (b * L + l) * d, ab, k, d, p.data());
+      combine(p.data(), vpb, k, dh, z + (b * L + l) * dh);
+    }
+  });
+}
+
+// da_part (B, chunks, k, d) and dvp_part (B, chunks, k, dh) must start at zero.
+template <typename T>
+void backward(const T* g, const T* r, const T* a, const T* vp, T* dr, T* da_part, T* dvp_part, int64_t B,
+              int64_t L, int64_t d, int64_t k, int64_t dh, int64_t chunks) {
+  parallel_tasks(B * chunks, [&](int64_t task) {
+    std::vector<T> p(k), gl(k);
+    const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
+    const int64_t l1 = std::min(L, l0 + kChunkRows);
+    const T *ab = a + b * k * d, *vpb = vp + b * k * dh;
+    T *da = da_part + task * k * d, *dvp = dvp_part + task * k * dh;
+    for (int64_t l = l0; l < l1; ++l) {
+      const T *row = r + (b * L + l) * d, *grow = g + (b * L + l) * dh;
+      probs(row, ab, k, d, p.data());
+      // d logits = p * (d p - sum p d p), with d p_j = g . vp_j
+      T s = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        gl[j] = dot(grow, vpb + j * dh, dh);
+        s += p[j] * gl[j];
+      }
+      for (int64_t j = 0; j < k; ++j) gl[j] = p[j] * (gl[j] - s);
+      combine(gl.data(), ab, k, d, dr + (b * L + l) * d);
+      for (int64_t j = 0; j < k; ++j) {
+        axpy(gl[j], row, d, da + j * d);
+        axpy(p[j], grow, dh, dvp + j * dh);
+      }
+    }
+  });
+}
+
+// out (B, n) = sum over c of part (B, chunks, n), c in increasing order.
+template <typename T>
+void sum_chunks(const T* part, int64_t B, int64_t chunks, int64_t n, T* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* o = out + b * n;
+    std::fill(o, o + n, T(0));
+    for (int64_t c = 0; c < chunks; ++c) axpy(T(1), part + (b * chunks + c) * n, n, o);
+  }
+}
+
 }  // namespace
 
 at::Tensor eca_core_cpu(const at::Tensor& r_in, const at::Tensor& at_in, const at::Tensor& vp_in) {
   check_core(r_in, at_in, vp_in);
   const at::Tensor r = r_in.contiguous(), a = at_in.contiguous(), vp = vp_in.contiguous();
-  const int64_t B = r.size(0), L = r.size(1), dh = vp.size(2);
-  const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
+  const int64_t B = r.size(0), L = r.size(1), d = r.size(2), k = a.size(1), dh = vp.size(2);
   at::Tensor z = new_output({B, L, dh}, r.options());
-  // Per chunk of rows: logits = r_c at_b^T (rows, k), softmax, Z_c = p vp_b, written
-  // in place. BLAS does the vector work; r and Z each cross memory once.
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
-      const int64_t rows = std::min(kChunkRows, L - l0);
-      at::Tensor p = at::softmax(at::mm(r[b].narrow(0, l0, rows), a[b].t()), 1);
-      at::Tensor zc = z[b].narrow(0, l0, rows);
-      at::mm_out(zc, p, vp[b]);
-    }
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_core_cpu", [&] {
+    forward(r.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), B, L,
+            d, k, dh);
   });
   return z;
 }
@@ -61,28 +174,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_core_backward_cpu(const at::T
   const at::Tensor r = r_in.contiguous(), a = at_in.contiguous(), vp = vp_in.contiguous();
   const int64_t B = r.size(0), L = r.size(1), d = r.size(2), k = a.size(1), dh = vp.size(2);
   TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef({B, L, dh}), "grad: expected (B, L, dh)");
-  const int64_t chunks = std::max<int64_t>(1, (L + kChunkRows - 1) / kChunkRows);
+  const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
   at::Tensor dr = new_output({B, L, d}, r.options());
-  // Per-chunk partial sums of d(at) and d(vp), reduced in a fixed order below.
   at::Tensor da_part = at::zeros({B, chunks, k, d}, r.options());
   at::Tensor dvp_part = at::zeros({B, chunks, k, dh}, r.options());
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, c = task % chunks, l0 = c * kChunkRows;
-      const int64_t rows = std::min(kChunkRows, L - l0);
-      if (rows <= 0) continue;
-      const at::Tensor rc = r[b].narrow(0, l0, rows), gc = g[b].narrow(0, l0, rows);
-      const at::Tensor p = at::softmax(at::mm(rc, a[b].t()), 1);  // (rows, k)
-      const at::Tensor gp = at::mm(gc, vp[b].t());                 // d p
-      const at::Tensor gl = p * (gp - (p * gp).sum(1, true));      // d logits
-      at::Tensor drc = dr[b].narrow(0, l0, rows);
-      at::mm_out(drc, gl, a[b]);
-      at::Tensor dap = da_part[b][c], dvpp = dvp_part[b][c];
-      at::mm_out(dap, gl.t(), rc);
-      at::mm_out(dvpp, p.t(), gc);
-    }
+  at::Tensor da = new_output({B, k, d}, r.options()), dvp = new_output({B, k, dh}, r.options());
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_core_backward_cpu", [&] {
+    backward(g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(),
+             dr.data_ptr<scalar_t>(), da_part.data_ptr<scalar_t>(), dvp_part.data_ptr<scalar_t>(), B, L, d, k, dh,
+             chunks);
+    sum_chunks(da_part.data_ptr<scalar_t>(), B, chunks, k * d, da.data_ptr<scalar_t>());
+    sum_chunks(dvp_part.data_ptr<scalar_t>(), B, chunks, k * dh, dvp.data_ptr<scalar_t>());
   });
-  return {dr, da_part.sum(1), dvp_part.sum(1)};
+  return {dr, da, dvp};
 }
 
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
