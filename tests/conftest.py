@@ -26,6 +26,16 @@ settings.register_profile("nightly", deadline=None, print_blob=True, max_example
 settings.load_profile(os.environ.get("OMNIFM_HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and tensors: a second intra-op thread only adds hand-offs (and spins
+    on a busy machine). Modules opt in with pytestmark = pytest.mark.usefixtures(...)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_sessionstart(session):
     """Fail loudly when a backend that should run here cannot: a skipped fast path
     would otherwise turn into a green run that tested nothing."""

@@ -94,3 +94,9 @@ class Plain(nn.Module):
 
     def alignment_loss(self):
         return torch.zeros(())
+
+
+def keep_pooled_features(module, inputs, output):
+    """Forward hook: the spatially pooled features (B, C) of a (B, C, H, W) output land
+    in `module.features` (MOON's representation); each deep copy keeps its own."""
+    module.features = output.mean((2, 3))

@@ -17,7 +17,7 @@ from monai.networks.nets import UNet
 
 from ..fl.client import in_order
 from ..nn import OmniFMAdapter
-from .base import ClientData, Plain, Task
+from .base import ClientData, Plain, Task, keep_pooled_features
 
 BASE_CHANNELS = (16, 32, 64, 128, 256)  # MONAI's UNet tutorial setting, at --width 0.25
 STRIDES = (2, 2, 2, 2)
@@ -81,7 +81,7 @@ class SegmentationTask(Task):
         else:
             model = Plain(backbone)
         bottleneck = dict(backbone.named_modules())[BOTTLENECK]
-        bottleneck.register_forward_hook(_keep_pooled)
+        bottleneck.register_forward_hook(keep_pooled_features)
         model.feature_module = bottleneck
         return model
 
@@ -102,7 +102,3 @@ class SegmentationTask(Task):
 
     def prototype_groups(self, targets):
         return (targets.flatten(1).amax(1) > 0).long()  # slices with and without lesion
-
-
-def _keep_pooled(module, inputs, output):
-    module.features = output.mean((2, 3))

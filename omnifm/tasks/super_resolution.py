@@ -18,7 +18,7 @@ from torch import nn
 from ..data.tissue import bicubic_up
 from ..fl.client import in_order
 from ..nn import OmniFMAdapter
-from .base import ClientData, Plain, Task
+from .base import ClientData, Plain, Task, keep_pooled_features
 
 SCALES = (2, 4, 8)
 
@@ -86,7 +86,7 @@ class SuperResolutionTask(Task):
                                   **adapter_kwargs)
         else:
             model = Plain(backbone)
-        backbone.features.register_forward_hook(_keep_pooled)
+        backbone.features.register_forward_hook(keep_pooled_features)
         model.feature_module = backbone.features
         return model
 
@@ -105,7 +105,3 @@ class SuperResolutionTask(Task):
             psnr_bicubic(bicubic_up(lr, self.cfg.scale), hr)
         return {"psnr": psnr.aggregate().item(), "ssim": ssim.aggregate().item(),
                 "psnr_bicubic": psnr_bicubic.aggregate().item()}
-
-
-def _keep_pooled(module, inputs, output):
-    module.features = output.mean((2, 3))

@@ -15,6 +15,8 @@ from PIL import Image
 from omnifm.data.breakhis import CLASSES, breakhis_federation, scan_breakhis
 from omnifm.data.tissue import MAGNIFICATIONS, TISSUE_TYPES, bicubic_down
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, W = 24, 32  # written image size (not square: a transposed read shows)
 S = 16  # image_size
 

@@ -11,6 +11,8 @@ from monai.data import Dataset
 from omnifm.data import fets
 from omnifm.data.fets import fets_federation
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (16, 16, 6)  # axial slices 0 and 5 empty, slice 1 with too little brain: 3 skipped
 
 

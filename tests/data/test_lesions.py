@@ -4,6 +4,8 @@ import torch
 
 from omnifm.data.lesions import GROUPS, synthetic_segmentation_federation
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N, SIZE = 40, 48
 
 

@@ -8,6 +8,8 @@ from omnifm.data import tissue
 from omnifm.data.tissue import (MAGNIFICATIONS, TISSUE_TYPES, bicubic_down, bicubic_up, render_tissue,
                                 synthetic_sr_federation)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def pil_bicubic(x, size):
     """PIL's bicubic resize (the reference implementation) of a (C, H, W) float image."""

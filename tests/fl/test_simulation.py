@@ -13,18 +13,10 @@ import torch
 from omnifm.fl import FLConfig, Simulation, dirichlet_label_skew, sample_participants
 from omnifm.fl.strategies import STRATEGIES, FedAvg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(clients=3, participation=0.67, samples_per_client=24, image_size=16, width=0.125, local_epochs=1,
             batch_size=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second thread only adds synchronisation, and spins on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def simulate(strategy, rounds, out_dir=None, *, resume=False, **overrides):

@@ -26,17 +26,9 @@ BODY_KEYS, HEAD_KEYS = ("body.weight", "body.bias"), ("head.weight", "head.bias"
 LR, EPOCHS, BATCH = 0.2, 2, 4
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # client.sgd's optimizer
 N_CLIENTS = 3
+pytestmark = pytest.mark.usefixtures("one_thread")
 PLAN = [(0, 1), (1, 2), (0, 1)]  # participants per round: |S| < N, client 2 joins late
 SIZES = (8, 12, 4)  # 2, 3 and 1 batches per epoch: steps != epochs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On models this small a second intra-op thread only adds hand-offs (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(nn.Module):

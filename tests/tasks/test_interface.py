@@ -76,11 +76,10 @@ def config(task, strategy, rounds):
 
 @pytest.mark.parametrize("strategy", ["omnifm", "fedavg"])
 @pytest.mark.parametrize("name", sorted(set(TASKS) - {"classification"}))  # classification: tests/fl
-def test_resume_and_same_seed(name, strategy, tmp_path):
+def test_resume_and_same_seed(name, strategy, tmp_path, one_thread):
     """Same seed -> same full state; resumed run == uninterrupted run, for every task."""
     from tests.fl.test_simulation import assert_same_state
 
-    torch.set_num_threads(1)
     full = Simulation(config(name, strategy, 2), str(tmp_path / "full"), progress=False)
     full.run()
     again = Simulation(config(name, strategy, 2), progress=False)
