@@ -308,3 +308,17 @@ def test_cli_train_end_to_end(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| omnifm | 3 |" in res.stdout
+
+
+def test_evaluation_is_sample_weighted():
+    """Each metric is the mean over clients weighted by their held-out sizes."""
+    from torch.utils.data import TensorDataset
+
+    sim = Simulation(FLConfig(strategy="fedavg", rounds=1, **TINY), progress=False)
+    sizes, scores = (2, 3, 5), (0.1, 0.4, 0.9)
+    for c, n in zip(sim.clients, sizes):
+        c.test = TensorDataset(c.test.tensors[0][:1].repeat(n, 1, 1, 1), c.test.tensors[1][:1].repeat(n))
+    per_client = dict(zip((len(c.test) for c in sim.clients), scores))
+    sim.task.evaluate = lambda model, dataset: {"accuracy": per_client[len(dataset)], "f1": 1.0}
+    got = sim.evaluate()
+    assert got["accuracy"] == pytest.approx((2 * 0.1 + 3 * 0.4 + 5 * 0.9) / 10) and got["f1"] == pytest.approx(1.0)
