@@ -58,13 +58,16 @@ def _add_train_args(p):
                    "(default), magnification)")
     p.add_argument("--clients", type=int, default=None,
                    help=f"default: what the scenario fixes (segmentation groupN), else {d.clients}")
-    p.add_argument("--participation", type=float, default=d.participation)
+    p.add_argument("--participation", type=float, default=None,
+                   help=f"fraction of clients per round (default {d.participation}; 1.0 for segmentation and super_resolution)")
     p.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds} (with --resume: as saved)")
-    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {d.batch_size} (8 for segmentation and super_resolution)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"local SGD step size (default {d.lr}; 0.05 for segmentation and super_resolution)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--samples-per-client", type=int, default=d.samples_per_client)
+    p.add_argument("--samples-per-client", type=int, default=None, help=f"default {d.samples_per_client}")
     p.add_argument("--image-size", type=int, default=None, help=f"default {d.image_size} (64 for segmentation "
                    "and super_resolution)")
     p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
@@ -84,7 +87,7 @@ def _train(args):
 
     from omnifm.fl import STRATEGIES, FLConfig, Simulation
     from omnifm.fl.report import plot_curves, table
-    from omnifm.tasks import task_class
+    from omnifm.tasks import config_for, task_class
 
     out = args.resume or args.out
     config_path = os.path.join(out, "config.json")
@@ -101,11 +104,8 @@ def _train(args):
         unknown = [s for s in strategies if s not in STRATEGIES]
         if unknown:
             raise SystemExit(f"omnifm train: unknown strategy {unknown}; choose from {sorted(STRATEGIES)}")
-        fields = {f.name for f in dataclasses.fields(FLConfig)}
-        for key, value in task_class(args.task).defaults(args.scenario).items():
-            if getattr(args, key) is None:  # the user's value wins over the task's default
-                setattr(args, key, value)
-        base = FLConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+        fields = {f.name for f in dataclasses.fields(FLConfig)} - {"task"}
+        base = config_for(args.task, **{k: v for k, v in vars(args).items() if k in fields})
         os.makedirs(out, exist_ok=True)
         with open(config_path, "w") as fh:
             json.dump({**dataclasses.asdict(base), "strategies": strategies}, fh, indent=2)

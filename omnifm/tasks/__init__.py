@@ -20,9 +20,20 @@ def task_class(name):
     return getattr(importlib.import_module(module), cls)
 
 
+def config_for(task, **given):
+    """The FLConfig a run of `task` uses: FLConfig's defaults, then the task's (and its
+    scenario's) defaults, then `given` (keys left None fall through). The CLI and the
+    experiment scripts build their configs here, so both run the same settings."""
+    from ..fl.simulation import FLConfig
+
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = {**task_class(task).defaults(given.get("scenario")), **given, "task": task}
+    return FLConfig(**settings)
+
+
 def get_task(name, cfg):
     """The task plug-in `name`, configured by cfg (an FLConfig)."""
     return task_class(name)(cfg)
 
 
-__all__ = ["TASKS", "ClientData", "Plain", "Task", "get_task", "task_class"]
+__all__ = ["TASKS", "ClientData", "Plain", "Task", "config_for", "get_task", "task_class"]
