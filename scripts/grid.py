@@ -57,7 +57,7 @@ def parse_value(key, text):
     try:
         return kind(text) if kind in (int, float) else text
     except ValueError:
-        raise SystemExit(f"grid: {key} takes a {kind.__name__}, got {text!r}") from None
+        raise SystemExit(f"grid: {key}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
 
 def run_one(cfg, threads):

@@ -109,3 +109,15 @@ def test_cli_two_rounds(name, tmp_path):
     for metric in task_class(name).metrics:
         assert f"| {metric} " in table.splitlines()[2]
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_config_for_layers_task_defaults_under_given_values():
+    from omnifm.fl import FLConfig
+    from omnifm.tasks import config_for
+
+    assert config_for("classification") == FLConfig()
+    cfg = config_for("segmentation", scenario="group2", batch_size=4, lr=None)
+    assert (cfg.task, cfg.clients, cfg.batch_size, cfg.lr, cfg.participation) == ("segmentation", 6, 4, 0.05, 1.0)
+    assert cfg.rounds == FLConfig().rounds
+    cfg = config_for("super_resolution", scale=8, participation=0.5)
+    assert (cfg.scenario, cfg.scale, cfg.participation, cfg.batch_size) == ("tissue", 8, 0.5, 8)

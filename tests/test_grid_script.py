@@ -1,0 +1,65 @@
+"""scripts/grid.py: the experiment grids (several seeds, mean ± std, resumable)."""
+import csv
+import importlib.util
+import pathlib
+import statistics
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("grid_script", ROOT / "scripts" / "grid.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grid_script"] = module  # the worker processes find run_one by name
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--set", "rounds=1", "--set", "samples_per_client=8", "--set", "image_size=32", "--set", "width=0.125",
+        "--strategies", "fedavg,local", "--cell", "scenario=group4"]
+
+
+def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, capsys):
+    grid.main(["table6", *TINY, "--seeds", "0,1", "--out", str(tmp_path)])
+    with open(tmp_path / "runs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["strategy"], r["seed"]) for r in rows) == [("fedavg", "0"), ("fedavg", "1"),
+                                                                 ("local", "0"), ("local", "1")]
+    table = (tmp_path / "table.md").read_text().splitlines()
+    for strategy in ("fedavg", "local"):
+        dice = [float(r["dice"]) for r in rows if r["strategy"] == strategy]
+        iou = [float(r["iou"]) for r in rows if r["strategy"] == strategy]
+        expected = (f"| {strategy} | {statistics.mean(dice):.3f} ± {statistics.stdev(dice):.3f} / "
+                    f"{statistics.mean(iou):.3f} ± {statistics.stdev(iou):.3f} |")
+        assert expected in table
+    assert len({r["dice"] for r in rows}) > 1  # seeds differ, so the std is not trivially 0
+
+    # a rerun with the same --out runs nothing new, and a wider one runs only what is missing
+    def no_run(cfg, threads):
+        raise AssertionError("ran a run that runs.csv already holds")
+
+    grid.run_one = no_run
+    grid.main(["table6", *TINY, "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "1"])
+    with open(tmp_path / "runs.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["table6", "--set", "bogus=1"], "unknown setting 'bogus'"),
+    (["table6", "--set", "rounds=two"], "rounds: expected an integer, got 'two'"),
+    (["table6", "--cell", "scale=2"], "--cell 'scale' is not an axis of table6"),
+    (["table2", "--strategies", "fedavg,nope"], "unknown strategies ['nope']"),
+    (["table1", "--seeds", "a"], "--seeds takes integers"),
+    (["table1", "--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_grid_bad_arguments_name_the_flag(grid, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as err:
+        grid.main([*argv, "--out", str(tmp_path)])
+    assert message in str(err.value)
+    assert not (tmp_path / "runs.csv").exists()
