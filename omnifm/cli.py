@@ -50,12 +50,12 @@ def _add_train_args(p):
     p.add_argument("--task", default=d.task, choices=sorted(TASKS))
     p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare")
     p.add_argument("--data", default=d.data, help="synthetic (default) or the task's real source "
-                   "(classification: medmnist)")
+                   "(classification: medmnist; vqa: slake, vqa-rad, or slake+vqa-rad from DATA_ROOT/<source>)")
     p.add_argument("--data-root", default=None, help="folder of the real data (classification: pathmnist.npz, "
                    "dermamnist.npz, bloodmnist.npz)")
     p.add_argument("--scenario", default=None, help="the task's scenario (classification: hard, medium, extra "
                    "(default); segmentation: group1..group4 (default group4), all (fets); super_resolution: tissue "
-                   "(default), magnification)")
+                   "(default), magnification; vqa: iid (default), noniid, modality, dataset)")
     p.add_argument("--clients", type=int, default=None,
                    help=f"default: what the scenario fixes (segmentation groupN), else {d.clients}")
     p.add_argument("--participation", type=float, default=None,
@@ -72,6 +72,12 @@ def _add_train_args(p):
                    "and super_resolution)")
     p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
     p.add_argument("--scale", type=int, default=d.scale, help="super-resolution factor: 2, 4 or 8")
+    p.add_argument("--tuning", default=None, choices=("full", "lora", "adapter", "layernorm", "bias"),
+                   help=f"which backbone parameters train and are shared (vqa; default {d.tuning}): lora = peft LoRA "
+                   "r=8 on the attention q/v projections, adapter = bottleneck adapters after each block, layernorm / "
+                   "bias = only those; the fusion block, head and OmniFM modules always train")
+    p.add_argument("--vqa-model", default=None, help="vqa encoders: tiny (default, small CLIP configs built in code) "
+                   "or PATH, a local save_pretrained CLIP directory with its tokenizer (never downloaded)")
     p.add_argument("--share-bn-stats", action="store_true", help="also average BN running statistics")
     p.add_argument("--lam", type=float, default=d.lam, help="SPAlign weight (0: no-SPAlign ablation)")
     p.add_argument("--topk", type=int, default=d.topk)

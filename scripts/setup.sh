@@ -14,5 +14,6 @@ pip_install --upgrade setuptools wheel
 pip_install "$TORCH_SPEC"
 pip_install -r requirements.txt
 pip_install --no-deps "medmnist>=3"
+pip_install --no-deps "peft>=0.21" accelerate
 pip_install --no-build-isolation -e .
 .venv/bin/python -c "import torch, omnifm, omnifm_ext; assert omnifm_ext.AVAILABLE, omnifm_ext.LOAD_ERROR; print('omnifm ready: torch', torch.__version__)"

@@ -93,6 +93,12 @@ def split_state(model, is_shared):
     return shared, local
 
 
+def trainable(model):
+    """The parameters local training optimises: those with requires_grad (a task may
+    freeze part of its model, e.g. a pretrained encoder under LoRA)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def sgd(model, client, *, params, epochs, batch_size, lr, seed, loss_of, before_step=None):
     """Local SGD (momentum 0.9, weight decay 5e-4) on `params`; returns (mean loss, steps).
 

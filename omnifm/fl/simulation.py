@@ -34,6 +34,8 @@ class FLConfig:
     image_size: int = 32
     width: float = 0.25  # backbone width factor
     scale: int = 2  # super-resolution factor (tasks without one ignore it)
+    tuning: str = "full"  # backbone parameters that train: full | lora | adapter | layernorm | bias (VQA)
+    vqa_model: str = "tiny"  # the VQA encoders: tiny (built in code) or a local save_pretrained directory
     share_bn_stats: bool = False  # default FedBN-style: BN running statistics stay local
     lam: float = 0.1  # SPAlign weight (0 = the no-SPAlign ablation)
     topk: int = 2
@@ -117,8 +119,11 @@ class Simulation:
         adapter = dict(topk=cfg.topk, gskr=cfg.gskr, eca=cfg.eca, psp=cfg.psp)
         self.model = self.task.build_model(omnifm=omnifm, adapter_kwargs=adapter)
         hp = {"lam": cfg.lam} if omnifm else {}  # SPAlign weight; other strategies keep their defaults
+        # state-dict names (a module registered twice has two): frozen parameters are not shared
+        frozen = [name for name, t in self.model.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.nn.Parameter) and not t.requires_grad]
         self.strategy = make_strategy(cfg.strategy, head_prefix=self.task.head_prefix,
-                                      share_bn_stats=cfg.share_bn_stats, **hp)
+                                      share_bn_stats=cfg.share_bn_stats, frozen=frozen, **hp)
         self.global_state, local = split_state(self.model, self.strategy.is_shared)
         self.clients = [Client(k, p.train, p.test, {n: t.clone() for n, t in local.items()}, name=p.name)
                         for k, p in enumerate(parts)]
@@ -138,9 +143,10 @@ class Simulation:
         """Refuses a state from another program or another run before changing anything."""
         if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
             raise ValueError(f"resume: {source} is not an omnifm checkpoint (keys: {sorted(CHECKPOINT_KEYS)})")
-        saved = dict(state["config"])
+        # a setting newer than the checkpoint counts as its default (what that run used)
+        saved = {**dataclasses.asdict(FLConfig()), **state["config"]}
         mine = dataclasses.asdict(self.cfg)
-        diff = {k for k in mine if k != "rounds" and saved.get(k) != mine[k]}
+        diff = {k for k in mine if k != "rounds" and saved[k] != mine[k]}
         if diff:
             raise ValueError(f"resume: {source} was made with different settings: {sorted(diff)}")
         shapes = {k: v.shape for k, v in self.global_state.items()}

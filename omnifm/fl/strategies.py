@@ -2,16 +2,19 @@
 
 A strategy decides three things: which tensors are shared (`is_shared`, the parameter
 policy), the client's local objective (`client_train`), and the server's aggregation
-(`aggregate`). Shared by default: every parameter; BatchNorm running statistics stay
-local (FedBN-style) unless `share_bn_stats`. Evaluation is personalised: each client's
-model is the global shared state plus its own local state (Ditto: its personal model).
+(`aggregate`). Shared by default: every trainable parameter; BatchNorm running
+statistics stay local (FedBN-style) unless `share_bn_stats`; frozen parameters
+(requires_grad False when the model is built, named in `frozen`) are neither trained
+nor sent, so they stay in each client's local state. Evaluation is personalised: each
+client's model is the global shared state plus its own local state (Ditto: its
+personal model).
 """
 import copy
 
 import torch
 import torch.nn.functional as F
 
-from .client import Update, in_order, load_state, sgd, split_state
+from .client import Update, in_order, load_state, sgd, split_state, trainable
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -32,12 +35,15 @@ class Strategy:
     private_prefixes = ()  # parameter-name prefixes that stay on the client
     uses_bank = False
 
-    def __init__(self, *, share_bn_stats=False, **hp):
+    def __init__(self, *, share_bn_stats=False, frozen=(), **hp):
         self.share_bn_stats = share_bn_stats
+        self.frozen = frozenset(frozen)
         self.hp = hp
 
     # -- parameter policy ---------------------------------------------------
     def is_shared(self, name):
+        if name in self.frozen:
+            return False
         if not self.share_bn_stats and name.rsplit(".", 1)[-1] in BN_STATS:
             return False
         return not any(name.startswith(p) for p in self.private_prefixes)
@@ -49,7 +55,7 @@ class Strategy:
 
     def client_train(self, client, model, global_state, ctx):
         load_state(model, global_state, client.local_state)
-        loss, steps = sgd(model, client, params=list(model.parameters()), epochs=ctx.epochs,
+        loss, steps = sgd(model, client, params=trainable(model), epochs=ctx.epochs,
                           batch_size=ctx.batch_size, lr=ctx.lr, seed=ctx.seed,
                           loss_of=self.objective(client, model, ctx, global_state),
                           before_step=self.before_step(client, model, global_state))
@@ -116,8 +122,9 @@ class FedRep(FedPer):
 
     def client_train(self, client, model, global_state, ctx):
         load_state(model, global_state, client.local_state)
-        head = [p for n, p in model.named_parameters() if n.startswith(self.private_prefixes)]
-        body = [p for n, p in model.named_parameters() if not n.startswith(self.private_prefixes)]
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen ones stay frozen
+        head = [p for n, p in params if n.startswith(self.private_prefixes)]
+        body = [p for n, p in params if not n.startswith(self.private_prefixes)]
         loss_of = self.objective(client, model, ctx, global_state)
         for frozen, trained, epochs in ((body, head, self.hp.get("head_epochs", 2)), (head, body, ctx.epochs)):
             for p in frozen:
@@ -327,7 +334,7 @@ class Ditto(FedAvg):
         else:
             model.load_state_dict(personal)
         ref = {k: v for k, v in global_state.items() if v.is_floating_point()}
-        sgd(model, client, params=list(model.parameters()), epochs=ctx.epochs, batch_size=ctx.batch_size,
+        sgd(model, client, params=trainable(model), epochs=ctx.epochs, batch_size=ctx.batch_size,
             lr=ctx.lr, seed=ctx.seed + 1,
             loss_of=lambda x, y: ctx.loss_fn(model(x), y) + lam / 2 * _sq_dist(model, ref))
         client.extra["personal"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

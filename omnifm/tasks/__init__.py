@@ -10,6 +10,7 @@ TASKS = {
     "classification": "omnifm.tasks.classification:ClassificationTask",
     "segmentation": "omnifm.tasks.segmentation:SegmentationTask",
     "super_resolution": "omnifm.tasks.super_resolution:SuperResolutionTask",
+    "fusion": "omnifm.tasks.fusion:FusionTask",
 }
 
 

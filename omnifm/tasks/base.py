@@ -96,6 +96,13 @@ class Plain(nn.Module):
         return torch.zeros(())
 
 
+def set_feature_module(model, module):
+    """Point `model.feature_module` (where MOON reads `.features`) at one of its own
+    submodules without registering it a second time: a second name would put its
+    tensors twice in the state dict, so they would be sent and counted twice."""
+    object.__setattr__(model, "feature_module", module)
+
+
 def keep_pooled_features(module, inputs, output):
     """Forward hook: the spatially pooled features (B, C) of a (B, C, H, W) output land
     in `module.features` (MOON's representation); each deep copy keeps its own."""

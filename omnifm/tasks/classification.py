@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from ..data.federation import medmnist_federation, synthetic_federation
 from ..nn import OmniFMAdapter
-from .base import ClientData, Plain, Task
+from .base import ClientData, Plain, Task, set_feature_module
 
 HEAD_PREFIX = "backbone.fc."  # the task head: private under OmniFM, FedPer, FedRep
 FUSION_LAYER = "layer3"
@@ -74,7 +74,7 @@ def build_model(n_classes, *, omnifm=False, width=0.25, in_channels=3, adapter_k
         model = Plain(backbone)
     # The hook writes onto the module it runs on, so deep copies (MOON) keep their own.
     backbone.avgpool.register_forward_hook(_keep_features)
-    model.feature_module = backbone.avgpool
+    set_feature_module(model, backbone.avgpool)
     return model
 
 

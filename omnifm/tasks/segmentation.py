@@ -17,7 +17,7 @@ from monai.networks.nets import UNet
 
 from ..fl.client import in_order
 from ..nn import OmniFMAdapter
-from .base import ClientData, Plain, Task, keep_pooled_features
+from .base import ClientData, Plain, Task, keep_pooled_features, set_feature_module
 
 BASE_CHANNELS = (16, 32, 64, 128, 256)  # MONAI's UNet tutorial setting, at --width 0.25
 STRIDES = (2, 2, 2, 2)
@@ -85,7 +85,7 @@ class SegmentationTask(Task):
             model = Plain(backbone)
         bottleneck = dict(backbone.named_modules())[BOTTLENECK]
         bottleneck.register_forward_hook(keep_pooled_features)
-        model.feature_module = bottleneck
+        set_feature_module(model, bottleneck)
         return model
 
     def loss(self, output, target):

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.tissue import bicubic_up
 from ..fl.client import in_order
 from ..nn import OmniFMAdapter
-from .base import ClientData, Plain, Task, keep_pooled_features
+from .base import ClientData, Plain, Task, keep_pooled_features, set_feature_module
 
 SCALES = (2, 4, 8)
 
@@ -90,7 +90,7 @@ class SuperResolutionTask(Task):
         else:
             model = Plain(backbone)
         backbone.features.register_forward_hook(keep_pooled_features)
-        model.feature_module = backbone.features
+        set_feature_module(model, backbone.features)
         return model
 
     def loss(self, output, target):

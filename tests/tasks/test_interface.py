@@ -14,6 +14,11 @@ FL_DIR = os.path.join(os.path.dirname(__import__("omnifm.fl", fromlist=["x"]).__
 TINY = dict(clients=3, samples_per_client=12, image_size=32, width=0.125)
 
 
+def tiny_size(name):
+    """TINY's image size, or the smallest one the task takes when larger (fusion's VIF: 41 px)."""
+    return max(TINY["image_size"], getattr(task_class(name), "min_image_size", 0))
+
+
 def test_fl_has_no_task_code():
     """omnifm.fl imports no task module and never branches on a task or data source
     (it only looks tasks up by name through omnifm.tasks.get_task)."""
@@ -37,7 +42,8 @@ def test_unknown_task_is_refused():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_conforms(name):
-    cfg = FLConfig(task=name, **{**task_class(name).defaults(), **TINY})  # group4 has 3 institutions
+    # group4 has 3 institutions
+    cfg = FLConfig(task=name, **{**task_class(name).defaults(), **TINY, "image_size": tiny_size(name)})
     task = get_task(name, cfg)
     assert isinstance(task, Task) and task.name == name
     assert task.head_prefix and task.metrics and task.main_metric in task.metrics
@@ -60,7 +66,10 @@ def test_task_conforms(name):
         loss = task.loss(out, y) + model.alignment_loss()
         assert loss.dim() == 0 and torch.isfinite(loss)
         loss.backward()
-        assert model.feature_module.features.shape[0] == x.shape[0]  # MOON reads it
+        assert model.feature_module.features.shape[0] == len(y)  # MOON reads it (x may be a dict of tensors)
+        # every tensor once in the state dict: a duplicate would be sent (and counted) twice
+        pointers = [t.data_ptr() for t in model.state_dict().values() if t.numel()]
+        assert len(pointers) == len(set(pointers))
         metrics = task.evaluate(model, parts[0].test)
         assert set(metrics) == set(task.metrics) and all(isinstance(v, float) for v in metrics.values())
     groups = task.prototype_groups(y)
@@ -71,7 +80,8 @@ RUN = dict(TINY, participation=0.67, local_epochs=1, batch_size=4)
 
 
 def config(task, strategy, rounds):
-    return FLConfig(task=task, strategy=strategy, rounds=rounds, **{**task_class(task).defaults(), **RUN})
+    return FLConfig(task=task, strategy=strategy, rounds=rounds,
+                    **{**task_class(task).defaults(), **RUN, "image_size": tiny_size(task)})
 
 
 @pytest.mark.parametrize("strategy", ["omnifm", "fedavg"])
@@ -100,7 +110,8 @@ def test_cli_two_rounds(name, tmp_path):
     import sys
 
     args = ["--task", name, "--strategy", "omnifm,fedavg", "--rounds", "2", "--clients", "3",
-            "--samples-per-client", "12", "--image-size", "32", "--width", "0.125", "--out", str(tmp_path)]
+            "--samples-per-client", "12", "--image-size", str(tiny_size(name)), "--width", "0.125",
+            "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "omnifm.cli", "train", *args], capture_output=True, text=True,
                          env=env, timeout=600)
