@@ -50,7 +50,8 @@ def _add_train_args(p):
     p.add_argument("--task", default=d.task, choices=sorted(TASKS))
     p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare")
     p.add_argument("--data", default=d.data, help="synthetic (default) or the task's real source "
-                   "(classification: medmnist; vqa: slake, vqa-rad, or slake+vqa-rad from DATA_ROOT/<source>)")
+                   "(classification: medmnist; vqa: slake, vqa-rad, vqa-med (or vqa-med-2019/-2020/-2021), "
+                   "or several like slake+vqa-rad+vqa-med from DATA_ROOT/<source>)")
     p.add_argument("--data-root", default=None, help="folder of the real data (classification: pathmnist.npz, "
                    "dermamnist.npz, bloodmnist.npz)")
     p.add_argument("--scenario", default=None, help="the task's scenario (classification: hard, medium, extra "

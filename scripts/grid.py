@@ -2,19 +2,26 @@
 
     python scripts/grid.py table1 --quick --seeds 0,1,2 --out runs/table1   # classification
     python scripts/grid.py table2 --quick --seeds 0,1,2 --out runs/table2   # super-resolution
+    python scripts/grid.py table4 --quick --seeds 0,1,2 --out runs/table4   # VQA
+    python scripts/grid.py table5 --quick --seeds 0,1,2 --out runs/table5   # VQA tuning regimes
     python scripts/grid.py table6 --quick --seeds 0,1,2 --out runs/table6   # segmentation
+    python scripts/grid.py table7 --quick --seeds 0,1,2 --out runs/table7   # fusion
 
 table1: classification, scenarios hard / medium / extra x participation 20/50/100 %.
 table2: super-resolution, scenarios tissue / magnification x scale 2/4/8.
+table4: VQA, scenarios iid / noniid / dataset (synthetic: three datasets of disjoint modalities).
+table5: VQA, tuning regimes full / lora / adapter / layernorm / bias (scenario iid, the task's default).
 table6: segmentation, institution groups group1..group4 (9/6/5/3 clients).
+table7: fusion, the task's synthetic pairs (client 1 CT-MRI, 2 PET-MRI, 3 SPECT-MRI).
 
 Every run goes to <out>/runs.csv as soon as it ends; a rerun with the same --out skips
 the runs already there, so an interrupted grid continues where it stopped. The table
 (<out>/table.md, also printed) gives the last round's main metrics as mean ± std over
-the seeds (sample std). Narrow a grid with --strategies, --cell KEY=V1,V2 (e.g.
---cell scenario=extra --cell participation=0.2) and change any setting with
---set KEY=VALUE (e.g. --set rounds=30). --jobs N runs N runs at once, each on
-cores/N threads.
+the seeds (sample std): the task's first two metrics, or the preset's `shown` ones
+(VQA: accuracy next to majority, the always-the-commonest-answer baseline). Narrow a
+grid with --strategies, --cell KEY=V1,V2 (e.g. --cell scenario=extra --cell
+participation=0.2) and change any setting with --set KEY=VALUE (e.g. --set
+rounds=30). --jobs N runs N runs at once, each on cores/N threads.
 """
 import argparse
 import concurrent.futures
@@ -30,6 +37,9 @@ from omnifm.fl import STRATEGIES, FLConfig
 from omnifm.tasks import config_for, task_class
 
 PAPER_BASELINES = ["local", "fedavg", "fedprox", "feddyn", "fedper", "omnifm"]
+VQA_BASELINES = ["fedavg", "fedprox", "fedadam", "feddyn", "fedper", "omnifm"]
+# VQA --quick: ~10-20 s a run on one thread, accuracy well above majority
+VQA_QUICK = dict(rounds=15, samples_per_client=96, image_size=32, width=0.125)
 TABLES = {
     "table1": dict(task="classification", cells={"scenario": ["hard", "medium", "extra"],
                                                  "participation": [0.2, 0.5, 1.0]},
@@ -39,9 +49,16 @@ TABLES = {
     "table2": dict(task="super_resolution", cells={"scenario": ["tissue", "magnification"], "scale": [2, 4, 8]},
                    strategies=PAPER_BASELINES,
                    quick=dict(rounds=20, samples_per_client=48, image_size=48)),
+    "table4": dict(task="vqa", cells={"scenario": ["iid", "noniid", "dataset"]}, strategies=VQA_BASELINES,
+                   quick=VQA_QUICK, shown=["accuracy", "majority"]),
+    "table5": dict(task="vqa", cells={"tuning": ["full", "lora", "adapter", "layernorm", "bias"]},
+                   strategies=VQA_BASELINES, quick=VQA_QUICK, shown=["accuracy", "majority"]),
     "table6": dict(task="segmentation", cells={"scenario": ["group1", "group2", "group3", "group4"]},
                    strategies=PAPER_BASELINES,
                    quick=dict(rounds=12, samples_per_client=48, image_size=32)),
+    "table7": dict(task="fusion", cells={"scenario": ["pairs"]},
+                   strategies=["fedavg", "fedprox", "ditto", "feddyn", "moon", "omnifm"],
+                   quick=dict(rounds=10, samples_per_client=32, image_size=48)),
 }
 FIELDS = {f.name: f.type for f in dataclasses.fields(FLConfig)}
 
@@ -148,7 +165,7 @@ def main(argv=None):
                   + " ".join(f"{m} {last[m]:.4f}" for m in metrics), file=sys.stderr)
 
     example = next(iter(configs.values()))
-    shown = metrics[:2]
+    shown = spec.get("shown", metrics[:2])
     lines = [f"{task}: last-round {' / '.join(shown)}, mean ± std over seeds {args.seeds} "
              f"({example.data}, {example.rounds} rounds, {example.samples_per_client} samples per client, "
              f"image {example.image_size}, width {example.width}{', --quick' if args.quick else ''})", "",

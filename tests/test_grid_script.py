@@ -25,7 +25,7 @@ TINY = ["--set", "rounds=1", "--set", "samples_per_client=8", "--set", "image_si
         "--strategies", "fedavg,local", "--cell", "scenario=group4"]
 
 
-def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, capsys):
+def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, capsys, monkeypatch):
     grid.main(["table6", *TINY, "--seeds", "0,1", "--out", str(tmp_path)])
     with open(tmp_path / "runs.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -44,7 +44,7 @@ def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, caps
     def no_run(cfg, threads):
         raise AssertionError("ran a run that runs.csv already holds")
 
-    grid.run_one = no_run
+    monkeypatch.setattr(grid, "run_one", no_run)  # the module is shared with the next tests
     grid.main(["table6", *TINY, "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "1"])
     with open(tmp_path / "runs.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
@@ -54,6 +54,8 @@ def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, caps
     (["table6", "--set", "bogus=1"], "unknown setting 'bogus'"),
     (["table6", "--set", "rounds=two"], "rounds: expected an integer, got 'two'"),
     (["table6", "--cell", "scale=2"], "--cell 'scale' is not an axis of table6"),
+    (["table5", "--cell", "scenario=iid"], "--cell 'scenario' is not an axis of table5"),
+    (["table7", "--strategies", "moon,nope"], "unknown strategies ['nope']"),
     (["table2", "--strategies", "fedavg,nope"], "unknown strategies ['nope']"),
     (["table1", "--seeds", "a"], "--seeds takes integers"),
     (["table1", "--jobs", "0"], "--jobs must be at least 1"),
@@ -63,3 +65,17 @@ def test_grid_bad_arguments_name_the_flag(grid, tmp_path, argv, message):
         grid.main([*argv, "--out", str(tmp_path)])
     assert message in str(err.value)
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_vqa_tuning_table_has_a_row_per_strategy_and_a_column_per_regime(grid, tmp_path):
+    grid.main(["table5", "--set", "rounds=1", "--set", "samples_per_client=8", "--set", "width=0.125",
+               "--strategies", "fedavg,fedper", "--cell", "tuning=full,lora", "--seeds", "0", "--jobs", "2",
+               "--out", str(tmp_path)])  # --jobs 2: one thread a run (two: 6-53 s on a busy 2-core box)
+    with open(tmp_path / "runs.csv", newline="") as fh:
+        runs = {(r["strategy"], r["tuning"]): r for r in csv.DictReader(fh)}
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("vqa: last-round accuracy / majority,") and "| strategy | full | lora |" in table
+    for strategy in ("fedavg", "fedper"):  # each cell: accuracy / majority of its run
+        cells = [f"{float(runs[strategy, t]['accuracy']):.3f} / {float(runs[strategy, t]['majority']):.3f}"
+                 for t in ("full", "lora")]
+        assert f"| {strategy} | {' | '.join(cells)} |" in table

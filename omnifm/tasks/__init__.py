@@ -1,4 +1,5 @@
-"""The medical-imaging tasks of OmniFM (classification, segmentation, super-resolution), each a plug-in behind one interface
+"""The medical-imaging tasks of OmniFM (classification, segmentation, super-resolution,
+image fusion, VQA), each a plug-in behind one interface
 (`omnifm.tasks.base.Task`), looked up by name. Task modules are imported only when
 asked for, so a task's dependencies load only when it runs."""
 import importlib
@@ -11,6 +12,7 @@ TASKS = {
     "segmentation": "omnifm.tasks.segmentation:SegmentationTask",
     "super_resolution": "omnifm.tasks.super_resolution:SuperResolutionTask",
     "fusion": "omnifm.tasks.fusion:FusionTask",
+    "vqa": "omnifm.tasks.vqa:VQATask",
 }
 
 

@@ -1,0 +1,224 @@
+"""The VQA task: tuning regimes (what trains, what is shared, what a round sends),
+the from_pretrained round trip, and the metric wiring on a hand-checked case."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from omnifm.fl import Simulation
+from omnifm.fl.client import in_order
+from omnifm.tasks import config_for, get_task
+from omnifm.tasks.vqa import TUNINGS, VQADataset, save_pretrained
+
+# 12 questions per client leave some test answers unseen in training: expected here
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:vqa.*never seen")]
+
+TINY = dict(clients=3, samples_per_client=12, width=0.125, local_epochs=1, batch_size=4, rounds=1)
+ADAPTER = dict(topk=2, gskr=True, eca=True, psp=True)
+
+
+def cfg(**kw):
+    return config_for("vqa", **{**TINY, **kw})
+
+
+def task_and_model(omnifm=False, **kw):
+    task = get_task("vqa", cfg(**kw))
+    parts = task.federation()
+    torch.manual_seed(0)
+    return task, parts, task.build_model(omnifm=omnifm, adapter_kwargs=ADAPTER)
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(model):
+    """State-dict names of trainable parameters (the fusion block is there twice: as
+    backbone.fusion and as feature_module, the name MOON reads it by)."""
+    return {n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter) and t.requires_grad}
+
+
+def encoder_params(model, keep=lambda name, module: True):
+    """Names of the encoders' parameters (as the model names them) whose module passes keep."""
+    out = set()
+    for prefix, enc in (("backbone.vision", model.backbone.vision), ("backbone.text", model.backbone.text)):
+        for mname, module in enc.named_modules():
+            for pname, _ in module.named_parameters(recurse=False):
+                if keep(f"{mname}.{pname}", module):
+                    out.add(f"{prefix}.{mname}.{pname}")
+    return out
+
+
+@pytest.mark.parametrize("omnifm", [False, True])
+@pytest.mark.parametrize("regime", TUNINGS)
+def test_each_regime_trains_its_parameters(regime, omnifm):
+    _, _, model = task_and_model(omnifm, tuning=regime)
+    names = {n for n, _ in model.named_parameters()}
+    encoders = encoder_params(model)
+    always = names - encoders  # fusion, head, bottlenecks, OmniFM modules
+    assert any(n.startswith("backbone.fusion.") for n in always) and any(n.startswith("backbone.head.") for n in always)
+    if omnifm:
+        assert {"suffix", "proj.weight", "tokenizer.spectral.w1"} <= always
+    expected = {
+        "full": encoders,
+        "lora": encoder_params(model, lambda n, m: ".lora_A." in n or ".lora_B." in n),
+        "adapter": set(),
+        "layernorm": encoder_params(model, lambda n, m: isinstance(m, nn.LayerNorm)),
+        "bias": encoder_params(model, lambda n, m: n.endswith(".bias")),
+    }[regime]
+    assert trainable(model) == always | expected
+    if regime == "lora":  # r = 8 on q and v of every block of both encoders (2 blocks each)
+        assert len(expected) == 2 * 2 * 2 * 2
+        assert all(".q_proj." in n or ".v_proj." in n for n in expected)
+        a = dict(model.named_parameters())["backbone.vision.encoder.layers.0.self_attn.q_proj.lora_A.default.weight"]
+        assert a.shape[0] == 8
+    if regime == "adapter":  # one bottleneck after each of the 2 + 2 blocks, all trainable
+        bottlenecks = {n for n in names if n.startswith("backbone.bottlenecks.")}
+        assert len(model.backbone.bottlenecks) == 4 and len(bottlenecks) == 4 * 4 and bottlenecks <= trainable(model)
+    if regime in ("layernorm", "bias"):
+        assert expected and expected < encoders
+
+
+@pytest.mark.parametrize("regime", ["lora", "adapter"])
+def test_added_layers_start_as_the_plain_model_and_take_part(regime):
+    """LoRA (B = 0) and bottlenecks (up = 0) leave the initial outputs unchanged; once
+    their weights move, the outputs move (the layers are really in the forward)."""
+    _, parts, full = task_and_model(tuning="full")
+    _, _, tuned = task_and_model(tuning=regime)
+    x, _ = next(in_order(parts[0].test, 8))
+    full.eval(), tuned.eval()
+    with torch.no_grad():
+        assert torch.allclose(full(x), tuned(x), atol=1e-6)
+        for n, p in tuned.named_parameters():
+            if ".lora_B." in n or ".up." in n:
+                p.add_(0.1)
+        assert not torch.allclose(full(x), tuned(x), atol=1e-3)
+
+
+def one_round(strategy="fedavg", **kw):
+    sim = Simulation(cfg(strategy=strategy, **kw), progress=False)
+    before = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    sim.run()
+    return sim, before
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
+def test_lora_trains_and_shares_only_lora_weights(strategy):
+    sim, before = one_round(strategy, tuning="lora")
+    train = trainable_state(sim.model)
+    private = {n for n in train if n.startswith("backbone.head.") or n == "suffix"} if strategy == "omnifm" else set()
+    assert set(sim.global_state) == train - private
+    lora = {n for n in sim.global_state if ".lora_" in n}
+    assert lora and not {n for n in sim.global_state if n.startswith(("backbone.vision", "backbone.text"))} - lora
+    assert any(sim.global_state[n].abs().sum() > 0 for n in lora if ".lora_B." in n)  # LoRA trained (B from 0)
+    frozen = {n for n, p in sim.model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen.isdisjoint(sim.global_state)
+    for c in sim.clients:  # frozen weights: bitwise the initial ones, on every client
+        for n in frozen:
+            assert torch.equal(c.local_state[n], before[n]), n
+
+
+def test_fedrep_leaves_frozen_parameters_frozen():
+    sim, before = one_round("fedrep", tuning="bias")
+    frozen = {n for n, p in sim.model.named_parameters() if not p.requires_grad}
+    assert frozen == set(sim.strategy.frozen) and frozen
+    for n in frozen:
+        assert torch.equal(sim.clients[0].local_state[n], before[n]), n
+
+
+def test_bytes_sent_are_the_trainable_parameters():
+    sent = {}
+    for regime in ("full", "lora", "bias"):
+        sim, _ = one_round(tuning=regime)
+        row = sim.history[-1]
+        n_trainable = sum(sim.model.state_dict()[n].numel() for n in trainable_state(sim.model))
+        assert row["bytes_up"] == row["bytes_down"] == 3 * 4 * n_trainable  # 3 clients, float32
+        sent[regime] = row["bytes_up"]
+    assert sent["lora"] < 0.5 * sent["full"] and sent["bias"] < 0.5 * sent["full"]
+
+
+def test_from_pretrained_round_trip(tmp_path):
+    task, parts, model = task_and_model()
+    save_pretrained(model, task.tokenizer, str(tmp_path))
+    loaded_task, loaded_parts, loaded = task_and_model(vqa_model=str(tmp_path))
+    assert loaded_task.tokenizer.get_vocab() == task.tokenizer.get_vocab()
+    assert torch.equal(loaded_parts[0].test.input_ids, parts[0].test.input_ids)
+    before = {n: p for n, p in model.named_parameters() if n.startswith(("backbone.vision", "backbone.text"))}
+    after = {n: p for n, p in loaded.named_parameters() if n.startswith(("backbone.vision", "backbone.text"))}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    for name in ("fusion", "head"):  # new (random) layers: take the original's to compare outputs
+        getattr(loaded.backbone, name).load_state_dict(getattr(model.backbone, name).state_dict())
+    x, _ = next(in_order(parts[0].test, 8))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+class Oracle(nn.Module):
+    """Returns fixed logits whatever the input (stands in for a model)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[:len(x["input_ids"])]
+
+
+def test_metrics_on_a_hand_checked_case():
+    """targets 0 1 2 -1 (unseen), closed T T F F, predictions 0 0 2 1, client majority 1:
+    right = T F T F -> accuracy 1/2, closed 1/2, open 1/2, majority (target == 1) 1/4."""
+    task = get_task("vqa", cfg())
+    n = 4
+    ds = VQADataset(torch.zeros(1, 3, 8, 8), torch.zeros(n, dtype=torch.int64), torch.zeros(n, 5, dtype=torch.int64),
+                    torch.ones(n, 5, dtype=torch.int64), torch.tensor([0, 1, 2, -1]),
+                    torch.tensor([True, True, False, False]), majority=1)
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 1]), 3).float()
+    assert task.evaluate(Oracle(logits), ds) == {"accuracy": 0.5, "accuracy_closed": 0.5, "accuracy_open": 0.5,
+                                                 "majority": 0.25}
+    closed_only = VQADataset(ds.images, ds.image, ds.input_ids, ds.attention_mask, ds.targets,
+                             torch.ones(n, dtype=torch.bool), majority=0)
+    m = task.evaluate(Oracle(logits), closed_only)
+    assert math.isnan(m["accuracy_open"]) and m["accuracy_closed"] == 0.5 and m["majority"] == 0.25
+
+
+def test_majority_is_the_clients_most_frequent_training_answer():
+    task = get_task("vqa", cfg())
+    for part in task.federation():
+        counts = torch.bincount(part.train.targets, minlength=len(task.answers))
+        assert part.test.majority == int(counts.argmax())  # argmax: the first of tied answers
+
+
+def test_unseen_test_answers_are_counted_and_reported():
+    task = get_task("vqa", cfg())
+    with pytest.warns(UserWarning, match=r"vqa: (\d+) of (\d+) test questions have an answer never seen") as rec:
+        parts = task.federation()
+    train_answers = {task.answers[t] for p in parts for t in p.train.targets.tolist()}
+    assert train_answers == set(task.answers)
+    unseen = sum(int((p.test.targets == -1).sum()) for p in parts)
+    assert unseen == task.unseen > 0
+    assert f"{unseen} of {sum(len(p.test) for p in parts)} test" in str(rec[0].message)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="tuning"):
+        get_task("vqa", cfg(tuning="qlora"))
+    with pytest.raises(ValueError, match="data"):
+        get_task("vqa", cfg(data="medmnist")).federation()
+    with pytest.raises(ValueError, match="vqa_model"):
+        get_task("vqa", cfg(vqa_model="/nonexistent/clip")).federation()
+
+
+def test_checkpoint_older_than_the_tuning_settings_resumes(tmp_path):
+    """A checkpoint written before FLConfig had tuning / vqa_model ran with their
+    defaults: it resumes under them, and is refused under other values."""
+    Simulation(cfg(rounds=1), str(tmp_path), progress=False).run()
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["tuning"], state["config"]["vqa_model"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"different settings: \['tuning'\]"):
+        Simulation(cfg(rounds=2, tuning="bias"), str(tmp_path), progress=False).run(resume=True)
+    resumed = Simulation(cfg(rounds=2), str(tmp_path), progress=False)
+    assert len(resumed.run(resume=True)) == 2
