@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage
-from PIL import Image
 from torch.utils.data import TensorDataset
 
 from .fusion_pairs import rgb_to_y
+from .png import inspect_png
 
 MRI = "MRI"
 
@@ -81,19 +81,6 @@ def scan_pair_folder(folder):
                          f"({os.path.join(folder, partner, no_partner[0])} is missing; {len(no_partner)} such files)")
     return [(os.path.join(folder, MRI, n), os.path.join(folder, partner, n)) for n in sorted(mri, key=_natural)], \
         skipped
-
-
-def _inspect(path):
-    """(height, width) of an 8-bit grey or RGB PNG, read cheaply."""
-    try:
-        with Image.open(path) as im:
-            fmt, mode, (w, h) = im.format, im.mode, im.size
-            im.verify()  # walks every chunk and its CRC without decoding: catches truncation
-    except Exception as e:  # PIL raises OSError, SyntaxError or struct.error for broken files
-        raise ValueError(f"{path}: unreadable or truncated PNG ({e})") from e
-    if fmt != "PNG" or mode not in ("L", "RGB"):
-        raise ValueError(f"{path}: expected an 8-bit grey (L) or RGB PNG, got {fmt} mode {mode}")
-    return h, w
 
 
 def _loader(image_size):
@@ -145,7 +132,7 @@ def atlas_federation(root, *, image_size, seed, max_per_client=None):
         if max_per_client is not None and len(pairs) > max_per_client:
             pairs = [pairs[j] for j in sorted(rng.choice(len(pairs), max_per_client, replace=False))]
         for mri, other in pairs:
-            (h1, w1), (h2, w2) = _inspect(mri), _inspect(other)
+            (h1, w1), (h2, w2) = (inspect_png(f, ("L", "RGB")) for f in (mri, other))
             if (h1, w1) != (h2, w2):
                 raise ValueError(f"{mri}: shape mismatch with its partner {other} ({w1}x{h1} vs {w2}x{h2})")
         x = torch.stack([torch.cat([load(mri), load(other)]) for mri, other in pairs])

@@ -37,9 +37,9 @@ from typing import NamedTuple
 import numpy as np
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityRanged
-from PIL import Image
 from torch.utils.data import Dataset
 
+from .png import inspect_png
 from .tissue import MAGNIFICATIONS, SCENARIOS, TISSUE_TYPES, bicubic_down, check_divisible, client_names
 
 CLASSES = {"benign": TISSUE_TYPES[:4], "malignant": TISSUE_TYPES[4:]}
@@ -91,14 +91,7 @@ def scan_breakhis(root):
 
 def _inspect(path, image_size):
     """(height, width) of an RGB PNG at least image_size on each side, read cheaply."""
-    try:
-        with Image.open(path) as im:
-            fmt, mode, (w, h) = im.format, im.mode, im.size
-            im.verify()  # walks every chunk and its CRC without decoding: catches truncation
-    except Exception as e:  # PIL raises OSError, SyntaxError or struct.error for broken files
-        raise ValueError(f"{path}: unreadable or truncated PNG ({e})") from e
-    if fmt != "PNG" or mode != "RGB":
-        raise ValueError(f"{path}: expected an 8-bit RGB PNG, got {fmt} mode {mode}")
+    h, w = inspect_png(path, ("RGB",))
     if h < image_size or w < image_size:
         raise ValueError(f"{path}: image {w}x{h} is smaller than image_size {image_size}")
     return h, w
