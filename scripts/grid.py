@@ -28,13 +28,14 @@ import concurrent.futures
 import csv
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 import sys
 import time
 
 from omnifm.fl import STRATEGIES, FLConfig
-from omnifm.tasks import config_for, task_class
+from omnifm.tasks import config_for, get_task, task_class
 
 PAPER_BASELINES = ["local", "fedavg", "fedprox", "feddyn", "fedper", "omnifm"]
 VQA_BASELINES = ["fedavg", "fedprox", "fedadam", "feddyn", "fedper", "omnifm"]
@@ -126,6 +127,9 @@ def main(argv=None):
     settings = dict(spec["quick"]) if args.quick else {}
     for item in args.set:
         key, _, value = item.partition("=")
+        if key in axes or key in ("strategy", "seed"):
+            raise SystemExit(f"grid: --set {key} is the grid's own axis; use "
+                             + ("--strategies" if key == "strategy" else "--seeds" if key == "seed" else "--cell"))
         settings[key] = parse_value(key, value)
 
     cells = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
@@ -133,8 +137,28 @@ def main(argv=None):
     configs = {(tuple(c.values()), s, seed): config_for(task, **settings, **c, strategy=s, seed=seed)
                for c in cells for s in strategies for seed in seeds}
     metrics = list(task_class(task).metrics)
+    for c in cells:  # a bad cell fails here, in one line, before anything is written or run
+        cfg = configs[(tuple(c.values()), strategies[0], seeds[0])]
+        try:
+            get_task(task, cfg).federation()
+        except (ValueError, TypeError, OSError) as exc:
+            raise SystemExit(f"grid: cell {' '.join(f'{k}={v}' for k, v in c.items())}: {exc}") from None
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "runs.csv")
+    # runs.csv only resumes the grid it was made by: same table, same settings
+    stamp = {"table": args.table, "settings": settings}
+    stamp_path = os.path.join(out, "settings.json")
+    if os.path.exists(stamp_path):
+        with open(stamp_path) as fh:
+            saved = json.load(fh)
+        if saved != stamp:
+            raise SystemExit(f"grid: {out} holds runs of {saved['table']} with settings {saved['settings']}, "
+                             f"not {stamp['settings']}; choose another --out")
+    elif os.path.exists(csv_path):
+        raise SystemExit(f"grid: {csv_path} has no settings.json beside it; choose another --out")
+    else:
+        with open(stamp_path, "w") as fh:
+            json.dump(stamp, fh)
     header = [*axes, "strategy", "seed", "rounds", *metrics, "seconds"]
     done = {}
     if os.path.exists(csv_path):
@@ -156,7 +180,12 @@ def main(argv=None):
         futures = {pool.submit(run_one, configs[key], threads): key for key in todo}
         for future in concurrent.futures.as_completed(futures):
             cell, strategy, seed = key = futures[future]
-            last, seconds = future.result()
+            try:
+                last, seconds = future.result()
+            except Exception as exc:  # the finished runs are kept; the queued ones are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise SystemExit(f"grid: {' '.join(map(str, cell))} {strategy} seed {seed} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
             done[key] = {m: last[m] for m in metrics}
             writer.writerow([*cell, strategy, seed, last["round"], *(f"{last[m]:.6f}" for m in metrics),
                              f"{seconds:.1f}"])

@@ -40,14 +40,23 @@ def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, caps
         assert expected in table
     assert len({r["dice"] for r in rows}) > 1  # seeds differ, so the std is not trivially 0
 
-    # a rerun with the same --out runs nothing new, and a wider one runs only what is missing
+    # a wider rerun with the same --out runs only what is missing (one row per run, the old ones kept)
+    grid.main(["table6", *TINY, "--seeds", "0,1,2", "--out", str(tmp_path), "--strategies", "fedavg"])
+    with open(tmp_path / "runs.csv", newline="") as fh:
+        wider = list(csv.DictReader(fh))
+    assert wider[:4] == rows and [(r["strategy"], r["seed"]) for r in wider[4:]] == [("fedavg", "2")]
+
+    # a rerun of the same grid runs nothing
     def no_run(cfg, threads):
         raise AssertionError("ran a run that runs.csv already holds")
 
     monkeypatch.setattr(grid, "run_one", no_run)  # the module is shared with the next tests
     grid.main(["table6", *TINY, "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "1"])
     with open(tmp_path / "runs.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 4
+        assert len(list(csv.DictReader(fh))) == 5
+    # other settings in the same --out are refused, not mixed into the table
+    with pytest.raises(SystemExit, match="choose another --out"):
+        grid.main(["table6", *TINY, "--set", "rounds=2", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -59,6 +68,11 @@ def test_grid_table_is_mean_and_std_of_its_runs_and_resumes(grid, tmp_path, caps
     (["table2", "--strategies", "fedavg,nope"], "unknown strategies ['nope']"),
     (["table1", "--seeds", "a"], "--seeds takes integers"),
     (["table1", "--jobs", "0"], "--jobs must be at least 1"),
+    (["table6", "--set", "scenario=group1"], "--set scenario is the grid's own axis; use --cell"),
+    (["table6", "--set", "seed=3"], "--set seed is the grid's own axis; use --seeds"),
+    (["table6", "--set", "strategy=fedavg"], "--set strategy is the grid's own axis; use --strategies"),
+    (["table6", "--cell", "scenario=group9"], "grid: cell scenario=group9: scenario"),
+    (["table2", "--cell", "scale=3", "--cell", "scenario=tissue"], "grid: cell scenario=tissue scale=3: scale"),
 ])
 def test_grid_bad_arguments_name_the_flag(grid, tmp_path, argv, message):
     with pytest.raises(SystemExit) as err:

@@ -366,6 +366,9 @@ def _by_group(pool, key, n_clients):
     if "" in groups:
         raise ValueError("scenario: some questions record no modality (VQA-RAD and VQA-Med have none); "
                          "use --scenario iid, noniid or dataset")
+    if n_clients < len(groups):  # a group without a client would be dropped without a word
+        raise ValueError(f"clients: the data has {len(groups)} groups ({', '.join(map(str, groups))}), one per "
+                         f"client at least; got {n_clients} clients")
     clients = []
     for k in range(n_clients):
         group = groups[k % len(groups)]
@@ -428,14 +431,14 @@ def vqa_federation(data, root, scenario, n_clients, *, samples_per_client, image
     """(pool, [(client name, train rows, test rows)]) for a data source and scenario.
 
     Synthetic: samples_per_client questions per client, generated per client under
-    `modality` (client k: modality k mod 5) and `dataset` (SYNTHETIC_DATASETS), as one
-    pool partitioned otherwise. Real: samples_per_client caps each client's training
+    `modality` (client k: the (k mod 5)-th modality, sorted) and `dataset` (the (k mod 3)-th
+    of SYNTHETIC_DATASETS, sorted), as one pool partitioned otherwise. Real: samples_per_client caps each client's training
     questions and a quarter as many test questions (at least 1), drawn with the seed.
     """
     if data == "synthetic":
         if scenario in ("modality", "dataset"):
             groups = ({m: (m,) for m in MODALITIES} if scenario == "modality" else SYNTHETIC_DATASETS)
-            names = list(groups)
+            names = sorted(groups)  # the order partition() deals groups to clients in
             pools = [synthetic_vqa(samples_per_client, groups[names[k % len(names)]], image_size=image_size,
                                    seed=seed * 1009 + k, dataset=names[k % len(names)]) for k in range(n_clients)]
             pool = concat(pools)

@@ -4,6 +4,7 @@ checkpoint from which `resume=True` continues to exactly the metrics of an
 uninterrupted run."""
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -225,18 +226,23 @@ class Simulation:
 
     def evaluate(self):
         """Personalised: each client's model on its own held-out split; every metric is
-        the sample-weighted mean over clients."""
-        totals, n = {}, 0
+        the mean over clients weighted by the task's `metric_weights` (held-out samples,
+        or the samples a metric is about); NaN where no client has any."""
+        totals, weights = {}, {}
         for c in self.clients:
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
             recalibrate_bn(self.model, c.train)
-            k = len(c.test)
-            for name, value in self.task.evaluate(self.model, c.test).items():
-                totals[name] = totals.get(name, 0) + value * k
-            n += k
-        return {name: total / n for name, total in totals.items()}
+            values, client_weights = self.task.evaluate(self.model, c.test), self.task.metric_weights(c.test)
+            for name, value in values.items():
+                w = client_weights.get(name, len(c.test))
+                totals.setdefault(name, 0.0)
+                weights.setdefault(name, 0)
+                if w > 0:
+                    totals[name] += value * w
+                    weights[name] += w
+        return {name: totals[name] / weights[name] if weights[name] else math.nan for name in totals}
 
     def run(self, resume=False):
         if self.out_dir:

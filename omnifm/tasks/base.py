@@ -76,6 +76,13 @@ class Task:
         """{metric: value} of `model` on one client's held-out dataset."""
         raise NotImplementedError
 
+    def metric_weights(self, dataset):
+        """{metric: weight} of one client's values in the federation's mean: by default
+        every metric counts the client's held-out samples; a metric over a subset (VQA's
+        closed questions) counts that subset, and a client with none of it (weight 0)
+        does not enter that metric's mean."""
+        return dict.fromkeys(self.metrics, len(dataset))
+
     def prototype_groups(self, targets):
         """(n,) int64 group of each training sample: the bank receives the mean
         spectral token of each group (classes for classification)."""

@@ -352,3 +352,8 @@ class VQATask(Task):
         mean = lambda v: v.mean().item() if len(v) else math.nan
         return {"accuracy": mean(right), "accuracy_closed": mean(right[closed]), "accuracy_open": mean(right[~closed]),
                 "majority": mean((dataset.targets == dataset.majority).float())}
+
+    def metric_weights(self, dataset):
+        n_closed = int(dataset.closed.sum())
+        return {"accuracy": len(dataset), "accuracy_closed": n_closed, "accuracy_open": len(dataset) - n_closed,
+                "majority": len(dataset)}

@@ -169,15 +169,22 @@ def test_test_split_is_stratified_by_answer_type():
         assert set(p.closed[test].tolist()) == {True, False}
 
 
-@pytest.mark.parametrize("scenario,names", [("modality", ["mri", "ct", "xray"]),
-                                            ("dataset", ["brain-mri", "radiology", "optical"])])
-def test_synthetic_modality_and_dataset_clients(scenario, names):
-    p, clients = vqa_federation("synthetic", None, scenario, 3, samples_per_client=10, image_size=S, seed=0)
-    assert sorted(c[0] for c in clients) == sorted(names)
-    for name, train, test in clients:
-        assert len(train) + len(test) == 10
-        if scenario == "modality":
-            assert {p.modality[r] for r in train + test} == {name}
+@pytest.mark.parametrize("n_clients", [3, 5])
+@pytest.mark.parametrize("scenario", ["modality", "dataset"])
+def test_synthetic_modality_and_dataset_clients(scenario, n_clients):
+    """Client k holds the k-th group (sorted, cycling) and exactly the questions made for
+    it, also when several clients share a group."""
+    groups = sorted(MODALITIES if scenario == "modality" else vqa.SYNTHETIC_DATASETS)
+    p, clients = vqa_federation("synthetic", None, scenario, n_clients, samples_per_client=10, image_size=S, seed=0)
+    key = p.modality if scenario == "modality" else p.dataset
+    for k, (name, train, test) in enumerate(clients):
+        assert len(train) + len(test) == 10, name
+        assert {key[r] for r in train + test} == {groups[k % len(groups)]} and name.startswith(groups[k % len(groups)])
+
+
+def test_fewer_clients_than_groups_is_refused():
+    with pytest.raises(ValueError, match="clients: the data has 2 groups .* got 1 clients"):
+        partition(toy_pool(), 1, "dataset", seed=0)
 
 
 def test_empty_client_partition_is_refused():

@@ -322,3 +322,19 @@ def test_evaluation_is_sample_weighted():
     sim.task.evaluate = lambda model, dataset: {"accuracy": per_client[len(dataset)], "f1": 1.0}
     got = sim.evaluate()
     assert got["accuracy"] == pytest.approx((2 * 0.1 + 3 * 0.4 + 5 * 0.9) / 10) and got["f1"] == pytest.approx(1.0)
+
+
+def test_evaluation_weights_each_metric_by_its_own_samples():
+    """A metric about a subset (VQA's open questions) is weighted by that subset; a
+    client with none of it (weight 0, value NaN) stays out; no client at all: NaN."""
+    sim = Simulation(FLConfig(strategy="fedavg", rounds=1, **TINY), progress=False)
+    values = iter([{"accuracy": 0.2, "f1": math.nan}, {"accuracy": 0.5, "f1": 0.4}, {"accuracy": 0.8, "f1": 0.7}])
+    weights = iter([{"accuracy": 1, "f1": 0}, {"accuracy": 3, "f1": 2}, {"accuracy": 0, "f1": 6}])
+    sim.task.evaluate = lambda model, dataset: next(values)
+    sim.task.metric_weights = lambda dataset: next(weights)
+    got = sim.evaluate()
+    assert got["accuracy"] == pytest.approx((0.2 + 3 * 0.5) / 4) and got["f1"] == pytest.approx((2 * 0.4 + 6 * 0.7) / 8)
+    sim.task.evaluate = lambda model, dataset: {"accuracy": math.nan, "f1": 0.5}
+    sim.task.metric_weights = lambda dataset: {"accuracy": 0, "f1": 1}
+    got = sim.evaluate()
+    assert math.isnan(got["accuracy"]) and got["f1"] == pytest.approx(0.5)

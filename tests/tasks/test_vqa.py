@@ -34,8 +34,7 @@ def trainable(model):
 
 
 def trainable_state(model):
-    """State-dict names of trainable parameters (the fusion block is there twice: as
-    backbone.fusion and as feature_module, the name MOON reads it by)."""
+    """State-dict names of trainable parameters."""
     return {n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter) and t.requires_grad}
 
 
@@ -181,6 +180,10 @@ def test_metrics_on_a_hand_checked_case():
                              torch.ones(n, dtype=torch.bool), majority=0)
     m = task.evaluate(Oracle(logits), closed_only)
     assert math.isnan(m["accuracy_open"]) and m["accuracy_closed"] == 0.5 and m["majority"] == 0.25
+    # the federation's mean counts each question once: closed/open by their own numbers
+    assert task.metric_weights(ds) == {"accuracy": 4, "accuracy_closed": 2, "accuracy_open": 2, "majority": 4}
+    assert task.metric_weights(closed_only) == {"accuracy": 4, "accuracy_closed": 4, "accuracy_open": 0,
+                                                "majority": 4}
 
 
 def test_majority_is_the_clients_most_frequent_training_answer():
