@@ -1,10 +1,12 @@
 """Command line: `omnifm train` (a federation), `omnifm info` (versions and backends),
 `omnifm bench <op>`."""
 import argparse
+import dataclasses
 import json
 import os
 import runpy
 import sys
+import warnings
 
 
 def _print_info(as_json):
@@ -42,43 +44,61 @@ def _bench_dir():
     raise SystemExit("omnifm bench: run from a source checkout (bench/ not found)")
 
 
-def _add_train_args(p):
-    from omnifm.fl import FLConfig
-    from omnifm.tasks import TASKS
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as one line naming the flag (exit status 2), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+TASK_FLAGS = ("scenario", "clients", "participation", "batch_size", "lr", "samples_per_client", "image_size")
+
+
+def _train_parser():
+    """The parser of `omnifm train` (built only for that command: it imports the
+    federation layer and the tasks, which `omnifm info` does not need)."""
+    from omnifm.fl import STRATEGIES, FLConfig
+    from omnifm.tasks import TASK_OPTIONS, TASKS, task_class
 
     d = FLConfig()
+    lines = ["strategies: " + ", ".join(sorted(STRATEGIES)), "",
+             "each task's defaults (a flag given on the command line wins):"]
+    for task in sorted(TASKS):
+        settings = {**{k: getattr(d, k) for k in TASK_FLAGS}, **task_class(task).defaults()}
+        lines.append(f"  {task}: " + ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in TASK_FLAGS))
+    for task, options in sorted(TASK_OPTIONS.items()):
+        lines.append(f"  only {task} reads " + ", ".join(f"--{k.replace('_', '-')}" for k in options))
+    p = OneLineParser(prog="omnifm train", description="run a federation (in-process simulation)",
+                                epilog="\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter)
+    task_default = "default: the task's (below)"
     p.add_argument("--task", default=d.task, choices=sorted(TASKS))
-    p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare")
+    p.add_argument("--strategy", default=d.strategy, help="one strategy, or a comma list to compare (below)")
     p.add_argument("--data", default=d.data, help="synthetic (default) or the task's real source "
-                   "(classification: medmnist; vqa: slake, vqa-rad, vqa-med (or vqa-med-2019/-2020/-2021), "
-                   "or several like slake+vqa-rad+vqa-med from DATA_ROOT/<source>)")
-    p.add_argument("--data-root", default=None, help="folder of the real data (classification: pathmnist.npz, "
-                   "dermamnist.npz, bloodmnist.npz)")
-    p.add_argument("--scenario", default=None, help="the task's scenario (classification: hard, medium, extra "
-                   "(default); segmentation: group1..group4 (default group4), all (fets); super_resolution: tissue "
-                   "(default), magnification; vqa: iid (default), noniid, modality, dataset)")
-    p.add_argument("--clients", type=int, default=None,
-                   help=f"default: what the scenario fixes (segmentation groupN), else {d.clients}")
-    p.add_argument("--participation", type=float, default=None,
-                   help=f"fraction of clients per round (default {d.participation}; 1.0 for segmentation and super_resolution)")
+                   "(classification: medmnist; segmentation: fets; super_resolution: breakhis; fusion: atlas; "
+                   "vqa: slake, vqa-rad, vqa-med (or vqa-med-2019/-2020/-2021), or several like slake+vqa-rad "
+                   "from DATA_ROOT/<source>)")
+    p.add_argument("--data-root", default=None, help="folder of the real data")
+    p.add_argument("--scenario", default=None, help="the task's scenario (classification: hard, medium, extra; "
+                   "segmentation: group1..group4, all (fets); super_resolution: tissue, magnification; fusion: pairs; "
+                   f"vqa: iid, noniid, modality, dataset); {task_default}")
+    p.add_argument("--clients", type=int, default=None, help=task_default)
+    p.add_argument("--participation", type=float, default=None, help=f"fraction of clients per round; {task_default}")
     p.add_argument("--rounds", type=int, default=None, help=f"default {d.rounds} (with --resume: as saved)")
     p.add_argument("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"default {d.batch_size} (8 for segmentation and super_resolution)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"local SGD step size (default {d.lr}; 0.05 for segmentation and super_resolution)")
+    p.add_argument("--batch-size", type=int, default=None, help=task_default)
+    p.add_argument("--lr", type=float, default=None, help=f"local SGD step size; {task_default}")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--samples-per-client", type=int, default=None, help=f"default {d.samples_per_client}")
-    p.add_argument("--image-size", type=int, default=None, help=f"default {d.image_size} (64 for segmentation "
-                   "and super_resolution)")
+    p.add_argument("--samples-per-client", type=int, default=None, help=task_default)
+    p.add_argument("--image-size", type=int, default=None, help=task_default)
     p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
-    p.add_argument("--scale", type=int, default=d.scale, help="super-resolution factor: 2, 4 or 8")
+    p.add_argument("--scale", type=int, default=None, help=f"super-resolution factor: 2, 4 or 8 (default {d.scale})")
     p.add_argument("--tuning", default=None, choices=("full", "lora", "adapter", "layernorm", "bias"),
                    help=f"which backbone parameters train and are shared (vqa; default {d.tuning}): lora = peft LoRA "
                    "r=8 on the attention q/v projections, adapter = bottleneck adapters after each block, layernorm / "
                    "bias = only those; the fusion block, head and OmniFM modules always train")
     p.add_argument("--vqa-model", default=None, help="vqa encoders: tiny (default, small CLIP configs built in code) "
-                   "or PATH, a local save_pretrained CLIP directory with its tokenizer (never downloaded)")
+                   "or PATH, a local save_pretrained CLIP directory with its tokenizer (never downloaded; images are "
+                   "then read at the model's image size)")
     p.add_argument("--share-bn-stats", action="store_true", help="also average BN running statistics")
     p.add_argument("--lam", type=float, default=d.lam, help="SPAlign weight (0: no-SPAlign ablation)")
     p.add_argument("--topk", type=int, default=d.topk)
@@ -87,40 +107,59 @@ def _add_train_args(p):
     p.add_argument("--no-psp", dest="psp", action="store_false", help="ablation: no suffix prompts")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run(s) saved in DIR")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
 
 
-def _train(args):
-    import dataclasses
+def _as_flag(message):
+    """'participation: ...' -> '--participation: ...' (errors name settings; users typed flags)."""
+    from omnifm.fl import FLConfig
 
+    name, sep, rest = message.partition(":")
+    if sep and name in {f.name for f in dataclasses.fields(FLConfig)}:
+        return f"--{name.replace('_', '-')}:{rest}"
+    return message
+
+
+def _train(p, args):
     from omnifm.fl import STRATEGIES, FLConfig, Simulation
     from omnifm.fl.report import plot_curves, table
     from omnifm.tasks import config_for, task_class
 
     out = args.resume or args.out
     config_path = os.path.join(out, "config.json")
-    if args.resume:
-        if not os.path.exists(config_path):
-            raise SystemExit(f"omnifm train: --resume {out}: no config.json there")
-        with open(config_path) as fh:
-            saved = json.load(fh)
-        strategies, base = saved.pop("strategies"), FLConfig(**saved)
-        if args.rounds is not None:
-            base = dataclasses.replace(base, rounds=args.rounds)
-    else:
-        strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
-        unknown = [s for s in strategies if s not in STRATEGIES]
-        if unknown:
-            raise SystemExit(f"omnifm train: unknown strategy {unknown}; choose from {sorted(STRATEGIES)}")
-        fields = {f.name for f in dataclasses.fields(FLConfig)} - {"task"}
-        base = config_for(args.task, **{k: v for k, v in vars(args).items() if k in fields})
-        os.makedirs(out, exist_ok=True)
-        with open(config_path, "w") as fh:
-            json.dump({**dataclasses.asdict(base), "strategies": strategies}, fh, indent=2)
+    try:
+        if args.resume:
+            if not os.path.exists(config_path):
+                raise ValueError(f"--resume {out}: no config.json there")
+            with open(config_path) as fh:
+                saved = json.load(fh)
+            strategies = saved.pop("strategies")
+            base = FLConfig(**{**saved, **({"rounds": args.rounds} if args.rounds is not None else {})})
+        else:
+            strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+            unknown = [s for s in strategies if s not in STRATEGIES]
+            if unknown or not strategies:
+                raise ValueError(f"--strategy: unknown {unknown or args.strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
+            fields = {f.name for f in dataclasses.fields(FLConfig)} - {"task", "strategy"}
+            base = config_for(args.task, strategy=strategies[0], **{k: v for k, v in vars(args).items() if k in fields})
+        if base.clients == 1:
+            warnings.warn("--clients 1: one client is not a federation (every strategy trains alone)", stacklevel=1)
+        # the first run's data and model are built before anything is written: bad files fail here
+        first = Simulation(dataclasses.replace(base, strategy=strategies[0]), os.path.join(out, strategies[0]))
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        if args.debug:
+            raise
+        p.error(_as_flag(str(exc)))
+    os.makedirs(out, exist_ok=True)
+    with open(config_path, "w") as fh:  # after --resume: the rounds now run
+        json.dump({**dataclasses.asdict(base), "strategies": strategies}, fh, indent=2)
     results = {}
     for name in strategies:
-        cfg = dataclasses.replace(base, strategy=name)
-        sim = Simulation(cfg, os.path.join(out, name))
+        sim = first if name == strategies[0] else Simulation(dataclasses.replace(base, strategy=name),
+                                                             os.path.join(out, name))
         results[name] = sim.run(resume=bool(args.resume))
+        first = None  # its data and model can go
     text = table(results, f"{base.task}, {base.data} / {base.scenario}: {base.clients} clients, "
                           f"{base.participation:.0%} participation, {base.rounds} rounds, seed {base.seed}",
                  main=task_class(base.task).main_metric)
@@ -132,20 +171,21 @@ def _train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser: the light commands never import the federation layer
+        p = _train_parser()
+        _train(p, p.parse_args(argv[1:]))
+        return 0
     p = argparse.ArgumentParser(prog="omnifm", description="OmniFM federated learning with fused ops")
     sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run a federation (in-process simulation)")
-    _add_train_args(train)
+    sub.add_parser("train", help="run a federation (in-process simulation); omnifm train --help for its options")
     info = sub.add_parser("info", help="versions, extension build, backend of every op")
     info.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="run bench/bench_<name>.py (extra args are passed on)")
+    # add_help=False: `omnifm bench NAME --help` reaches the script, which shows its own options
+    bench = sub.add_parser("bench", add_help=False, help="run bench/bench_<name>.py (extra args are passed on)")
     bench.add_argument("name", help="e.g. spectral")
     args, rest = p.parse_known_args(argv)
-    if args.command == "train":
-        if rest:
-            p.error(f"unrecognized arguments: {' '.join(rest)}")
-        _train(args)
-    elif args.command == "info":
+    if args.command == "info":
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         _print_info(args.json)

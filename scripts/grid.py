@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -173,7 +174,10 @@ def main(argv=None):
     print(f"{args.table}: {len(configs)} runs, {len(configs) - len(todo)} already in {csv_path}", file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.time()
-    with open(csv_path, "a", newline="") as fh, concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+    # spawn, not fork: a child forked after this process ran torch's thread pool (the
+    # cell checks above) can hang in it
+    spawn = multiprocessing.get_context("spawn")
+    with open(csv_path, "a", newline="") as fh, concurrent.futures.ProcessPoolExecutor(args.jobs, spawn) as pool:
         writer = csv.writer(fh)
         if fh.tell() == 0:
             writer.writerow(header)

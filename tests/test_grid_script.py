@@ -1,6 +1,6 @@
 """scripts/grid.py: the experiment grids (several seeds, mean ± std, resumable)."""
 import csv
-import importlib.util
+import importlib
 import pathlib
 import statistics
 import sys
@@ -14,11 +14,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("grid_script", ROOT / "scripts" / "grid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grid_script"] = module  # the worker processes find run_one by name
-    spec.loader.exec_module(module)
-    return module
+    # imported by name from scripts/, so the spawned worker processes import it too
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        yield importlib.import_module("grid")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
 
 
 TINY = ["--set", "rounds=1", "--set", "samples_per_client=8", "--set", "image_size=32", "--set", "width=0.125",

@@ -47,6 +47,42 @@ class FLConfig:
     bank_rho: float = 1.0
     bank_delta: float = 0.01
 
+    def __post_init__(self):
+        """Every setting checked when the config is made (before any data, model or
+        file): a bad one raises ValueError/TypeError naming it."""
+        from ..tasks import TASKS
+        from .strategies import STRATEGIES
+
+        for name, choices in (("task", TASKS), ("strategy", STRATEGIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {', '.join(sorted(choices))}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if f.name == "data_root":
+                if value is not None and not isinstance(value, str):
+                    raise TypeError(f"data_root: expected a path, got {value!r}")
+                continue
+            ok = (isinstance(value, kind) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, kind))
+            if not ok:
+                raise TypeError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+            if kind in (int, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
+        at_least_1 = ("clients", "rounds", "local_epochs", "batch_size", "samples_per_client", "image_size", "topk",
+                      "bank_capacity")
+        for name in at_least_1:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        for name in ("lr", "width", "bank_rho"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        for name in ("lam", "bank_delta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
+        if not 0 < self.participation <= 1:
+            raise ValueError(f"participation: expected a fraction in (0, 1], got {self.participation}")
+
 
 @dataclasses.dataclass
 class RoundContext:

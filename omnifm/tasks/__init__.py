@@ -14,6 +14,8 @@ TASKS = {
     "fusion": "omnifm.tasks.fusion:FusionTask",
     "vqa": "omnifm.tasks.vqa:VQATask",
 }
+# settings only some tasks read; given to another task they are refused, not ignored
+TASK_OPTIONS = {"super_resolution": ("scale",), "vqa": ("tuning", "vqa_model")}
 
 
 def task_class(name):
@@ -30,6 +32,10 @@ def config_for(task, **given):
     from ..fl.simulation import FLConfig
 
     given = {k: v for k, v in given.items() if v is not None}
+    for owner, options in TASK_OPTIONS.items():
+        for key in set(options) & set(given):
+            if owner != task:
+                raise ValueError(f"{key}: only the {owner} task reads it, not {task}")
     settings = {**task_class(task).defaults(given.get("scenario")), **given, "task": task}
     return FLConfig(**settings)
 
@@ -39,4 +45,4 @@ def get_task(name, cfg):
     return task_class(name)(cfg)
 
 
-__all__ = ["TASKS", "ClientData", "Plain", "Task", "config_for", "get_task", "task_class"]
+__all__ = ["TASKS", "TASK_OPTIONS", "ClientData", "Plain", "Task", "config_for", "get_task", "task_class"]

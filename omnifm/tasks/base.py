@@ -35,12 +35,14 @@ class Task:
             FedRep and OmniFM).
         metrics: metric names, in table order (the keys in metrics.jsonl, lowercase).
         main_metric: the one shown in the progress bar and used for "best".
+        min_image_size: the smallest image_size its federation() accepts.
     A task may also override `defaults` (settings for the command line).
     """
     name = ""
     head_prefix = ""
     metrics = ()
     main_metric = ""
+    min_image_size = 1
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -197,8 +197,3 @@ class FusionTask(Task):
                 ssim(fused, source)
                 l1(fused, source)
         return {"vif": vif.compute().item(), "ssim": ssim.aggregate().item(), "l1": l1.aggregate().item()}
-
-    def prototype_groups(self, targets):
-        # One group: a client holds one pair type, so grouping by pair type is one group
-        # per client; the targets (the sources themselves) carry no class to group by.
-        return torch.zeros(len(targets), dtype=torch.int64)

@@ -79,11 +79,16 @@ def build_tokenizer(questions, max_length=TINY_TEXT_LENGTH):
                                    eos_token="[EOS]", model_max_length=max_length)
 
 
+def tiny_hidden(width):
+    """Hidden width of the tiny encoders: 256 * width (a multiple of the 4 heads), at least 32."""
+    return max(32, round(256 * width / 4) * 4)
+
+
 def tiny_encoders(width, image_size, tokenizer):
-    """(CLIPVisionModel, CLIPTextModel), random init, hidden max(32, 256 * width)."""
+    """(CLIPVisionModel, CLIPTextModel), random init, hidden tiny_hidden(width)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-    hidden = max(32, round(256 * width / 4) * 4)
+    hidden = tiny_hidden(width)
     shared = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=TINY_LAYERS,
                   num_attention_heads=4)
     vision = CLIPVisionModel(CLIPVisionConfig(**shared, image_size=image_size, patch_size=TINY_PATCH))
@@ -102,23 +107,45 @@ def load_encoders(path):
         raise ValueError(f"vqa_model: expected 'tiny' or a local save_pretrained directory, got {path!r}")
     _quiet_transformers()
     try:
-        return (CLIPVisionModel.from_pretrained(path, local_files_only=True),
-                CLIPTextModel.from_pretrained(path, local_files_only=True),
-                AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError, KeyError) as e:
+        encoders = []
+        for cls in (CLIPVisionModel, CLIPTextModel):
+            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+            if info["missing_keys"]:  # from_pretrained would start them at random, silently
+                raise ValueError(f"its weights lack {len(info['missing_keys'])} tensors of a {cls.__name__} "
+                                 f"(e.g. {sorted(info['missing_keys'])[0]})")
+            encoders.append(model)
+        return (*encoders, AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: tensors of the wrong shape
         raise ValueError(f"vqa_model: {path} is not a CLIP save_pretrained directory with a tokenizer ({e})") from e
+
+
+def _merged_state(encoder):
+    """The encoder's state dict as a plain CLIP model names it: LoRA layers (peft) are
+    merged into their base weights (W + scale * B @ A) on a copy."""
+    import copy
+
+    encoder = copy.deepcopy(encoder)
+    for module in encoder.modules():
+        if hasattr(module, "base_layer") and hasattr(module, "merge"):
+            module.merge()
+    return {k.replace(".base_layer.", "."): v for k, v in encoder.state_dict().items() if "lora_" not in k}
 
 
 def save_pretrained(model, tokenizer, path):
     """Write the model's two encoders (as one CLIPModel) and the tokenizer to path, so
-    that `--vqa-model path` loads them back. `model`: a VQA model, Plain or adapted."""
+    that `--vqa-model path` loads them back. `model`: a VQA model, Plain or adapted;
+    LoRA weights are merged in; the adapter regime's bottlenecks have no place in a
+    CLIP model, so that regime is refused."""
     from transformers import CLIPConfig, CLIPModel
 
     _quiet_transformers()
     net = model.backbone
+    if hasattr(net, "bottlenecks"):
+        raise ValueError("save_pretrained: the adapter regime's bottleneck adapters are not part of a CLIP model; "
+                         "save the model's state_dict instead")
     clip = CLIPModel(CLIPConfig(text_config=net.text.config.to_dict(), vision_config=net.vision.config.to_dict()))
     for part, encoder in ((clip.vision_model, net.vision), (clip.text_model, net.text)):
-        part.load_state_dict(encoder.state_dict())
+        part.load_state_dict(_merged_state(encoder))
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -264,6 +291,7 @@ class VQATask(Task):
             raise ValueError(f"tuning: expected one of {TUNINGS}, got {cfg.tuning!r}")
         self.tokenizer, self.answers, self.unseen = None, None, 0
         self._encoders = None  # (vision, text) loaded from vqa_model, until build_model takes them
+        self.image_size = cfg.image_size  # a loaded model's own size replaces it (federation())
 
     @classmethod
     def defaults(cls, scenario=None):
@@ -280,8 +308,11 @@ class VQATask(Task):
         if cfg.data not in SOURCES and not all(s in SOURCES[1:] for s in cfg.data.split("+")):
             raise ValueError(f"data: the vqa task reads {', '.join(SOURCES)} (or real sources joined by '+'), "
                              f"got {cfg.data!r}")
+        if cfg.vqa_model != "tiny":  # images are read at the loaded model's size
+            *self._encoders, self.tokenizer = load_encoders(cfg.vqa_model)
+            self.image_size = self._encoders[0].config.image_size
         pool, clients = vqa_federation(cfg.data, cfg.data_root, cfg.scenario, cfg.clients,
-                                       samples_per_client=cfg.samples_per_client, image_size=cfg.image_size,
+                                       samples_per_client=cfg.samples_per_client, image_size=self.image_size,
                                        seed=cfg.seed)
         train_rows = [r for _, tr, _ in clients for r in tr]
         self.answers = sorted({pool.answers[r] for r in train_rows})
@@ -289,7 +320,6 @@ class VQATask(Task):
             self.tokenizer = build_tokenizer([pool.questions[r] for r in train_rows])
             max_length = self.tokenizer.model_max_length
         else:  # a saved tokenizer may not state its length: the text model's positions bound it
-            *self._encoders, self.tokenizer = load_encoders(cfg.vqa_model)
             max_length = min(self.tokenizer.model_max_length, self._encoders[1].config.max_position_embeddings)
         index = {a: i for i, a in enumerate(self.answers)}
         out, self.unseen, n_test = [], 0, 0
@@ -314,7 +344,7 @@ class VQATask(Task):
     @property
     def adapter_dim(self):
         if self.cfg.vqa_model == "tiny":
-            return max(32, round(256 * self.cfg.width / 4) * 4)
+            return tiny_hidden(self.cfg.width)
         from transformers import CLIPVisionConfig
 
         return CLIPVisionConfig.from_pretrained(self.cfg.vqa_model, local_files_only=True).hidden_size
@@ -333,7 +363,7 @@ class VQATask(Task):
         if omnifm:
             layer = next(name for name, _ in net.named_modules() if name.endswith("pre_layrnorm"))
             model = OmniFMAdapter(net, layer, self.adapter_dim, 3, mode="sequence",
-                                  size=min(8, self.cfg.image_size), **adapter_kwargs)
+                                  size=min(8, self.image_size), **adapter_kwargs)
             model.tokenizer = ImageTokenizer(model.tokenizer)
         else:
             model = Plain(net)

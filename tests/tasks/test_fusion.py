@@ -148,10 +148,6 @@ def test_fused_image_is_in_the_unit_range_for_any_input():
         assert out.min() >= 0 and out.max() <= 1
 
 
-def test_prototype_groups_are_one_group():
-    assert torch.equal(task().prototype_groups(torch.zeros(3, 2, S, S)), torch.zeros(3, dtype=torch.int64))
-
-
 @pytest.mark.parametrize("kwargs,name", [(dict(scenario="tissue"), "scenario"), (dict(data="fets"), "data"),
                                          (dict(data="atlas"), "data_root")])
 def test_bad_settings(kwargs, name):

@@ -16,7 +16,7 @@ TINY = dict(clients=3, samples_per_client=12, image_size=32, width=0.125)
 
 def tiny_size(name):
     """TINY's image size, or the smallest one the task takes when larger (fusion's VIF: 41 px)."""
-    return max(TINY["image_size"], getattr(task_class(name), "min_image_size", 0))
+    return max(TINY["image_size"], task_class(name).min_image_size)
 
 
 def test_fl_has_no_task_code():

@@ -154,6 +154,47 @@ def test_from_pretrained_round_trip(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
+def test_lora_is_merged_into_the_saved_encoders(tmp_path):
+    task, parts, model = task_and_model(tuning="lora")
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at zero: give it a value so the merge matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    save_pretrained(model, task.tokenizer, str(tmp_path))
+    _, _, loaded = task_and_model(vqa_model=str(tmp_path))
+    x, _ = next(in_order(parts[0].test, 8))
+    pixels = torch.rand(4, 3, 32, 32)
+    for a, b, inputs in ((model.backbone.vision, loaded.backbone.vision, dict(pixel_values=pixels)),
+                         (model.backbone.text, loaded.backbone.text,
+                          dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"]))):
+        a.eval(), b.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(b(**inputs).last_hidden_state, a(**inputs).last_hidden_state,
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_regime_cannot_be_saved_as_clip(tmp_path):
+    task, _, model = task_and_model(tuning="adapter")
+    with pytest.raises(ValueError, match="bottleneck adapters are not part of a CLIP model"):
+        save_pretrained(model, task.tokenizer, str(tmp_path))
+
+
+def test_a_saved_model_missing_weights_is_refused_and_sets_the_image_size(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    task, _, model = task_and_model()
+    save_pretrained(model, task.tokenizer, str(tmp_path))
+    loaded_task, parts, _ = task_and_model(vqa_model=str(tmp_path), image_size=16)
+    assert parts[0].train.images.shape[-1] == model.backbone.vision.config.image_size == 32  # the model's size
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(k for k in weights if "vision_model" in k and "layers.0" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="vqa_model: .* lack 1 tensors of a CLIPVisionModel"):
+        get_task("vqa", cfg(vqa_model=str(tmp_path))).federation()
+
+
 class Oracle(nn.Module):
     """Returns fixed logits whatever the input (stands in for a model)."""
 
