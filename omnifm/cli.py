@@ -116,7 +116,7 @@ def _as_flag(message):
     from omnifm.fl import FLConfig
 
     name, sep, rest = message.partition(":")
-    if sep and name in {f.name for f in dataclasses.fields(FLConfig)}:
+    if sep and name in {f.name for f in dataclasses.fields(FLConfig)} | {"resume"}:
         return f"--{name.replace('_', '-')}:{rest}"
     return message
 
@@ -124,6 +124,7 @@ def _as_flag(message):
 def _train(p, args):
     from omnifm.fl import STRATEGIES, FLConfig, Simulation
     from omnifm.fl.report import plot_curves, table
+    from omnifm.fl.simulation import read_checkpoint
     from omnifm.tasks import config_for, task_class
 
     out = args.resume or args.out
@@ -136,6 +137,11 @@ def _train(p, args):
                 saved = json.load(fh)
             strategies = saved.pop("strategies")
             base = FLConfig(**{**saved, **({"rounds": args.rounds} if args.rounds is not None else {})})
+            for name in strategies:  # a damaged checkpoint is found now, not after the others ran
+                path = os.path.join(out, name, "checkpoint.pt")
+                if not os.path.exists(path):
+                    raise ValueError(f"--resume {out}: no checkpoint of {name} ({path})")
+                read_checkpoint(path)
         else:
             strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
             unknown = [s for s in strategies if s not in STRATEGIES]

@@ -69,12 +69,22 @@ class FakeSimulation:
                  "bytes_down": 1} for r in range(self.cfg.rounds)]
 
 
+def stand_in_checkpoints(out, strategies):
+    """The fake federation writes no checkpoint: files that load, for --resume's check."""
+    import torch
+
+    for name in strategies:
+        (out / name).mkdir(exist_ok=True)
+        torch.save({"next_round": 2}, out / name / "checkpoint.pt")
+
+
 def test_one_client_warns_and_resume_records_the_new_rounds(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(omnifm.fl, "Simulation", FakeSimulation)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="--clients 1: one client is not a federation"):
         main(["train", "--clients", "1", "--rounds", "2", "--strategy", "fedavg,local", "--out", str(out)])
     assert [c.strategy for c in FakeSimulation.made[-2:]] == ["fedavg", "local"]
+    stand_in_checkpoints(out, ("fedavg", "local"))
     main(["train", "--resume", str(out), "--rounds", "5"])
     saved = json.loads((out / "config.json").read_text())
     assert saved["rounds"] == 5 and saved["strategies"] == ["fedavg", "local"]
@@ -98,3 +108,24 @@ def test_info_does_not_import_the_federation_layer():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "missing"])
+def test_resume_with_a_damaged_checkpoint_names_the_file(monkeypatch, tmp_path, capsys, damage):
+    monkeypatch.setattr(omnifm.fl, "Simulation", FakeSimulation)
+    out = tmp_path / "run"
+    main(["train", "--rounds", "2", "--strategy", "fedavg,local", "--out", str(out)])
+    config = (out / "config.json").read_text()
+    stand_in_checkpoints(out, ("fedavg", "local"))
+    path = out / "local" / "checkpoint.pt"
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"" if damage == "zero-byte" else path.read_bytes()[:40])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--resume", str(out), "--rounds", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
+    assert ("no checkpoint of local" if damage == "missing" else "is not a readable checkpoint") in err
+    assert (out / "config.json").read_text() == config  # nothing rewritten

@@ -31,9 +31,13 @@ def load_npz(root, flag, split):
     path = os.path.join(root, f"{flag}.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data_root: {path} not found (place the standard MedMNIST .npz files there)")
-    with np.load(path) as npz:
-        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    images, labels = _read_split(path, split)
     channels = info[flag]["n_channels"]
+    if images.ndim != (3 if channels == 1 else 4) or (channels > 1 and images.shape[3] != channels):
+        raise ValueError(f"{path}: {split}_images has shape {images.shape}, expected (n, H, W"
+                         f"{'' if channels == 1 else f', {channels}'}) for {flag}")
+    if len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} {split}_images but {len(labels)} {split}_labels")
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
     x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
     if x.shape[1] == 1:
@@ -41,8 +45,28 @@ def load_npz(root, flag, split):
     y = torch.from_numpy(labels.reshape(len(labels), -1)[:, 0].astype(np.int64))
     n_classes = len(info[flag]["label"])
     if len(y) and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"{flag}.npz: labels outside [0, {n_classes})")
+        raise ValueError(f"{path}: labels outside [0, {n_classes})")
     return x, y
+
+
+def _read_split(path, split):
+    """(images, labels) arrays of one split; a file that is not a readable MedMNIST .npz
+    is refused with an error naming it (allow_pickle stays off: nothing read runs code)."""
+    keys = (f"{split}_images", f"{split}_labels")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as exc:  # empty or random bytes: EOFError, a "pickled data" ValueError, ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one array, not a MedMNIST .npz archive")
+    with npz:
+        missing = [k for k in keys if k not in npz.files]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} (it has {', '.join(npz.files) or 'no arrays'})")
+        try:
+            return tuple(npz[k] for k in keys)
+        except Exception as exc:  # a damaged member of the archive
+            raise ValueError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
 
 
 def load_cross_modality(root, split, flags=CROSS_MODALITY_FLAGS):

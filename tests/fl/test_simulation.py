@@ -284,6 +284,30 @@ def test_medmnist_loader_on_written_files(tmp_path):
         load_npz(str(tmp_path), "chestmnist", "train")
     with pytest.raises(ValueError, match="split"):
         load_npz(str(tmp_path), "pathmnist", "dev")
+    # A file that is not a MedMNIST archive is refused, naming it
+    path = tmp_path / "pathmnist.npz"
+    bad = {b"": "not a readable .npz file", os.urandom(256): "not a readable .npz file"}
+    for content, message in bad.items():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+            load_npz(str(tmp_path), "pathmnist", "train")
+    np.savez(path, images=arrays["train_images"])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no train_images, train_labels (it has images)")):
+        load_npz(str(tmp_path), "pathmnist", "train")
+    np.savez(path, train_images=arrays["train_images"], train_labels=arrays["train_labels"][:5])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: 12 train_images but 5 train_labels")):
+        load_npz(str(tmp_path), "pathmnist", "train")
+    np.savez(path, train_images=arrays["train_images"][..., 0], train_labels=arrays["train_labels"])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: train_images has shape (12, 28, 28)")):
+        load_npz(str(tmp_path), "pathmnist", "train")
+    np.savez(path, train_images=arrays["train_images"], train_labels=arrays["train_labels"] + 9)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: labels outside [0, 9)")):
+        load_npz(str(tmp_path), "pathmnist", "train")
+    np.save(tmp_path / "one.npy", arrays["train_images"])
+    os.replace(tmp_path / "one.npy", path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: holds one array")):
+        load_npz(str(tmp_path), "pathmnist", "train")
+    np.savez(path, **arrays)
     # A federation on them runs end to end.
     cfg = FLConfig(strategy="fedper", data="medmnist", data_root=str(tmp_path), scenario="extra", rounds=1,
                    **{**TINY, "image_size": 28, "samples_per_client": 12})
