@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Failures, append_csv, check_answer, copy_bandwidth_gbps, device_name,  # noqa: E402
-                     forced_backend, print_table, time_ms)
+from harness import (Failures, add_output_args, append_csv, check_answer, copy_bandwidth_gbps,  # noqa: E402
+                     csv_path, device_name, forced_backend, print_table, time_ms)
 
 from omnifm.ops import _backend, eca_attention, eca_attention_ref  # noqa: E402
 from omnifm.ops.eca_attention import backend_checks  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--no-csv", dest="csv", action="store_false")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.k < 2:
         p.error("--k must be at least 2: with one key the softmax is constant and three gradients vanish")
@@ -147,7 +147,7 @@ def main(argv=None):
         print_table(f"eca_attention {mode} ({shape}) on {device}", rows, baselines)
         all_rows += [{**r, "impl": f"{mode}: {r['impl']}"} for r in rows]
     if args.csv:
-        append_csv("eca", device, shape, all_rows)
+        append_csv("eca", device, shape, all_rows, path=csv_path(args))
     failures.exit_if_any()
 
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import append_csv  # noqa: E402
+from harness import add_output_args, append_csv, csv_path  # noqa: E402
 
 from omnifm.fl import Simulation  # noqa: E402
 from omnifm.tasks import TASKS, config_for  # noqa: E402
@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=None, help="default: the task's (10 for classification)")
     p.add_argument("--participation", type=float, default=None,
                    help="default: 0.5 for classification, the task's own otherwise")
-    p.add_argument("--no-csv", dest="csv", action="store_false")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.participation is None and args.task == "classification":
         args.participation = 0.5  # the README's main job
@@ -59,7 +59,7 @@ def main(argv=None):
     if args.csv:
         append_csv("round", torch.device("cpu"), f"task={args.task} clients={cfg.clients} "
                    f"participation={cfg.participation} "
-                   f"(training + personalised evaluation of every client)", rows)
+                   f"(training + personalised evaluation of every client)", rows, path=csv_path(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failures, append_csv, check_answer, copy_bandwidth_gbps, forced_backend, print_table, time_ms  # noqa: E402
+from harness import (Failures, add_output_args, append_csv, check_answer, copy_bandwidth_gbps,  # noqa: E402
+                     csv_path, forced_backend, print_table, time_ms)
 
 from omnifm.nn import SpectralTokenizer  # noqa: E402
 from omnifm.ops import lowpass_spectrum, lowpass_spectrum_ref, spectral_token, spectral_token_ref  # noqa: E402
@@ -102,7 +103,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the baseline")
-    p.add_argument("--no-csv", dest="csv", action="store_false")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -156,7 +157,7 @@ def main(argv=None):
             print_table(f"{op} ({shape}) on {device}", rows, BASELINES)
             all_rows += [{**r, "impl": f"{op} {r['impl']}"} for r in rows]
     if args.csv and all_rows:
-        append_csv("spectral", device, shape, all_rows)
+        append_csv("spectral", device, shape, all_rows, path=csv_path(args))
     failures.exit_if_any()
     return all_rows
 

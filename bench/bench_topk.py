@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Failures, WrongAnswer, append_csv, copy_bandwidth_gbps, forced_backend,  # noqa: E402
-                     print_table, time_ms)
+from harness import (Failures, WrongAnswer, add_output_args, append_csv, copy_bandwidth_gbps,  # noqa: E402
+                     csv_path, forced_backend, print_table, time_ms)
 
 STRONGEST = "torch normalize+matmul+topk"
 COMPILED = "torch.compile(normalize+matmul+topk)"
@@ -238,7 +238,7 @@ def main(argv=None):
     p.add_argument("--prenormalized", action="store_true", help="every implementation gets a normalised bank")
     p.add_argument("--with-reference", action="store_true", help="also time the naive sorting reference (slow)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--no-csv", dest="csv", action="store_false")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -281,7 +281,7 @@ def main(argv=None):
     if device.type == "cuda":
         print(f"device copy bandwidth: {copy_bandwidth_gbps(bank_bytes, device):.0f} GB/s")
     if args.csv and rows:
-        append_csv("topk", device, shape, rows)
+        append_csv("topk", device, shape, rows, path=csv_path(args))
     failures.exit_if_any()
 
 

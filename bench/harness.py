@@ -10,7 +10,21 @@ import time
 
 import torch
 
-RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
+RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")  # tracked: the record
+LOCAL_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "local_results.csv")  # untracked
+
+
+def add_output_args(parser):
+    """--no-csv / --record: where a run's rows go. By default to the untracked
+    bench/local_results.csv, so running a benchmark never changes a tracked file."""
+    parser.add_argument("--no-csv", dest="csv", action="store_false", help="write no csv rows")
+    parser.add_argument("--record", action="store_true",
+                        help="append the rows to bench/results.csv (tracked, the project's record) instead of "
+                        "bench/local_results.csv")
+
+
+def csv_path(args):
+    return RESULTS_CSV if args.record else LOCAL_CSV
 CSV_FIELDS = ["date", "bench", "device", "torch", "triton", "threads", "shape", "impl", "ms", "speedup", "gbps", "note"]
 
 

@@ -27,3 +27,26 @@ def test_bench_script_runs(name):
                          cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "omnifm" in res.stdout or "ext" in res.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bench_help_is_the_scripts_own_and_offers_record(name):
+    res = subprocess.run([sys.executable, "-m", "omnifm.cli", "bench", name, "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"bench_{name}.py" in res.stdout and "--record" in res.stdout and "local_results.csv" in res.stdout
+
+
+def test_rows_go_to_the_untracked_file_unless_recorded():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import harness
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    import argparse
+
+    p = argparse.ArgumentParser()
+    harness.add_output_args(p)
+    assert harness.csv_path(p.parse_args([])) == os.path.join(ROOT, "bench", "local_results.csv")
+    assert harness.csv_path(p.parse_args(["--record"])) == os.path.join(ROOT, "bench", "results.csv")
+    assert not p.parse_args(["--no-csv"]).csv
