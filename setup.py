@@ -51,6 +51,8 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "triton>=3.6"],
         "bench": ["triton>=3.6", "faiss-cpu"],
+        "tasks": ["nibabel", "torchmetrics", "transformers>=5", "peft>=0.21"],
+        "privacy": ["dp-accounting>=0.4"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -105,6 +105,12 @@ def _train_parser():
     p.add_argument("--no-gskr", dest="gskr", action="store_false", help="ablation: mean bank embedding")
     p.add_argument("--no-eca", dest="eca", action="store_false", help="ablation: FiLM instead of ECA")
     p.add_argument("--no-psp", dest="psp", action="store_false", help="ablation: no suffix prompts")
+    p.add_argument("--dp-clip", type=float, default=d.dp_clip, metavar="C",
+                   help="differential privacy of uploads: clip each client's update (and each prototype to 1) to "
+                   "L2 norm C and add Gaussian noise; epsilon(delta) per round in metrics.jsonl (default off)")
+    p.add_argument("--dp-noise", type=float, default=d.dp_noise, metavar="SIGMA",
+                   help="noise multiplier: noise std = SIGMA * C (prototypes: SIGMA)")
+    p.add_argument("--dp-delta", type=float, default=d.dp_delta, help=f"delta of the reported epsilon (default {d.dp_delta:g})")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run(s) saved in DIR")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

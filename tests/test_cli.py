@@ -39,6 +39,8 @@ def train_error(capsys, tmp_path, *argv):
     (["--task", "super_resolution", "--scale", "3"], "--scale: expected one of (2, 4, 8), got 3"),
     (["--scenario", "nowhere"], "scenario"),
     (["--data", "medmnist"], "data"),
+    (["--dp-noise", "1"], "--dp-noise: noise needs a clipping norm (dp_clip > 0)"),
+    (["--dp-clip", "1", "--dp-delta", "0"], "--dp-delta: expected a value in (0, 1)"),
 ])
 def test_bad_train_arguments_are_one_line_naming_the_flag(capsys, tmp_path, argv, message):
     err = train_error(capsys, tmp_path, *argv)

@@ -2,7 +2,8 @@
 the task's own (every numeric field of a metrics row that is not bookkeeping)."""
 import os
 
-BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", "rejected", "bank_size")
+BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", "rejected", "bank_size", "epsilon",
+               "dp_delta")
 
 
 def metric_names(history):
@@ -25,13 +26,18 @@ def table(results, title="", main=None):
     best round gets a column (default: the first metric)."""
     names = metric_names(next(iter(results.values())))
     main = main or names[0]
-    head = "| run | rounds | " + " | ".join(names) + f" | best {main} | s/round | MB up/round | MB down/round |"
-    rule = "|" + "---|" * (len(names) + 6)
+    private = any("epsilon" in h[-1] for h in results.values())  # DP runs: the final epsilon too
+    head = ("| run | rounds | " + " | ".join(names) + f" | best {main} | s/round | MB up/round | MB down/round |"
+            + (" ε (δ) |" if private else ""))
+    rule = "|" + "---|" * (len(names) + 6 + private)
     lines = ([title, ""] if title else []) + [head, rule]
     for run, history in results.items():
         s = summary(history, main)
         cells = [str(s["rounds"]), *(f"{s[k]:.4f}" for k in names), f"{s['best_' + main]:.4f}",
                  f"{s['sec_per_round']:.2f}", f"{s['mb_up_per_round']:.2f}", f"{s['mb_down_per_round']:.2f}"]
+        if private:
+            last = history[-1]
+            cells.append(f"{last['epsilon']:.2f} ({last['dp_delta']:g})" if "epsilon" in last else "no DP")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from ..tasks import get_task
 from .bank import KnowledgeBank
 from .client import Client, load_state, recalibrate_bn, split_state
 from .partition import sample_participants
+from .privacy import GaussianUploads
 from .strategies import make_strategy
 
 
@@ -46,6 +47,9 @@ class FLConfig:
     bank_capacity: int = 256
     bank_rho: float = 1.0
     bank_delta: float = 0.01
+    dp_clip: float = 0.0  # > 0: clip each upload to this L2 norm and add noise (omnifm.fl.privacy)
+    dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
+    dp_delta: float = 1e-5  # the delta at which epsilon is reported
 
     def __post_init__(self):
         """Every setting checked when the config is made (before any data, model or
@@ -77,11 +81,15 @@ class FLConfig:
         for name in ("lr", "width", "bank_rho"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("lam", "bank_delta"):
+        for name in ("lam", "bank_delta", "dp_clip", "dp_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
             raise ValueError(f"participation: expected a fraction in (0, 1], got {self.participation}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta: expected a value in (0, 1), got {self.dp_delta}")
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise ValueError("dp_noise: noise needs a clipping norm (dp_clip > 0) to be calibrated to")
 
 
 @dataclasses.dataclass
@@ -167,6 +175,7 @@ class Simulation:
         self.dim = self.task.adapter_dim
         self.bank = KnowledgeBank(self.dim, capacity=cfg.bank_capacity, rho=cfg.bank_rho, delta=cfg.bank_delta) \
             if self.strategy.uses_bank else None
+        self.privacy = GaussianUploads(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_clip > 0 else None
         self.history, self.next_round = [], 0
 
     # -- state ----------------------------------------------------------------
@@ -238,6 +247,8 @@ class Simulation:
                 rejected.append(cid)
                 self.log(f"round {r}: client {cid} failed ({type(exc).__name__}: {exc}); skipped")
                 continue
+            if self.privacy is not None:  # on the client, before anything leaves it
+                update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
             why = validate_update(update, self.global_state, self.dim, len(self.bank) if self.bank else None)
             if why is not None:
                 rejected.append(cid)
@@ -248,8 +259,10 @@ class Simulation:
         if updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates, self.cfg.clients)
             if self.bank is not None:
-                self.bank.record({u.client: u.retrieval_counts for u in updates})
-                self.bank.prune()
+                counts = {u.client: u.retrieval_counts for u in updates if u.retrieval_counts is not None}
+                if counts:  # (with DP none are sent: the bank keeps its usage as it was)
+                    self.bank.record(counts)
+                    self.bank.prune()
                 self.bank.insert({u.client: u.bank_upload for u in updates})
                 self.bank.end_round()
         row = {"round": r + 1, **self.evaluate(),
@@ -258,6 +271,10 @@ class Simulation:
                "clients": participants, "rejected": rejected}
         if self.bank is not None:
             row["bank_size"] = len(self.bank)
+        if self.privacy is not None:  # the worst client's privacy loss so far, this round included
+            taken = [cid for h in [*self.history, row] for cid in h["clients"]]
+            row["epsilon"] = max(self.privacy.epsilon(taken.count(c)) for c in set(taken))
+            row["dp_delta"] = self.cfg.dp_delta
         return row
 
     def evaluate(self):
