@@ -105,6 +105,8 @@ def _train_parser():
     p.add_argument("--no-gskr", dest="gskr", action="store_false", help="ablation: mean bank embedding")
     p.add_argument("--no-eca", dest="eca", action="store_false", help="ablation: FiLM instead of ECA")
     p.add_argument("--no-psp", dest="psp", action="store_false", help="ablation: no suffix prompts")
+    p.add_argument("--min-clients", type=int, default=d.min_clients,
+                   help="a round with fewer usable updates (the others failed or were rejected) is not aggregated")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, metavar="C",
                    help="differential privacy of uploads: clip each client's update (and each prototype to 1) to "
                    "L2 norm C and add Gaussian noise; epsilon(delta) per round in metrics.jsonl (default off)")

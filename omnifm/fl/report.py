@@ -2,8 +2,8 @@
 the task's own (every numeric field of a metrics row that is not bookkeeping)."""
 import os
 
-BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", "rejected", "bank_size", "epsilon",
-               "dp_delta")
+BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", "rejected", "aggregated", "bank_size",
+               "epsilon", "dp_delta")
 
 
 def metric_names(history):

@@ -47,6 +47,7 @@ class FLConfig:
     bank_capacity: int = 256
     bank_rho: float = 1.0
     bank_delta: float = 0.01
+    min_clients: int = 1  # a round with fewer usable updates is not aggregated (logged, state kept)
     dp_clip: float = 0.0  # > 0: clip each upload to this L2 norm and add noise (omnifm.fl.privacy)
     dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
     dp_delta: float = 1e-5  # the delta at which epsilon is reported
@@ -73,7 +74,7 @@ class FLConfig:
                 raise TypeError(f"{f.name}: expected {kind.__name__}, got {value!r}")
             if kind in (int, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
-        at_least_1 = ("clients", "rounds", "local_epochs", "batch_size", "samples_per_client", "image_size", "topk",
+        at_least_1 = ("clients", "min_clients", "rounds", "local_epochs", "batch_size", "samples_per_client", "image_size", "topk",
                       "bank_capacity")
         for name in at_least_1:
             if getattr(self, name) < 1:
@@ -86,6 +87,9 @@ class FLConfig:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
             raise ValueError(f"participation: expected a fraction in (0, 1], got {self.participation}")
+        if self.min_clients > max(1, round(self.participation * self.clients)):
+            raise ValueError(f"min_clients: {self.min_clients} is more than the {round(self.participation * self.clients)}"
+                             f" clients a round draws ({self.participation:g} of {self.clients})")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta: expected a value in (0, 1), got {self.dp_delta}")
         if self.dp_noise > 0 and self.dp_clip == 0:
@@ -256,7 +260,11 @@ class Simulation:
                 continue
             up += tensor_bytes(update.weights) + tensor_bytes(update.extra) + tensor_bytes(update.bank_upload)
             updates.append(update)
-        if updates:
+        aggregated = len(updates) >= self.cfg.min_clients and len(updates) > 0
+        if not aggregated:  # too few replies: the server's state stays as it was
+            self.log(f"round {r}: {len(updates)} usable updates, fewer than min_clients={self.cfg.min_clients}; "
+                     "not aggregated")
+        else:
             self.global_state = self.strategy.aggregate(self.global_state, updates, self.cfg.clients)
             if self.bank is not None:
                 counts = {u.client: u.retrieval_counts for u in updates if u.retrieval_counts is not None}
@@ -268,7 +276,7 @@ class Simulation:
         row = {"round": r + 1, **self.evaluate(),
                "loss": sum(u.loss for u in updates) / len(updates) if updates else float("nan"),
                "seconds": time.perf_counter() - t0, "bytes_up": up, "bytes_down": down * len(participants),
-               "clients": participants, "rejected": rejected}
+               "clients": participants, "rejected": rejected, "aggregated": aggregated}
         if self.bank is not None:
             row["bank_size"] = len(self.bank)
         if self.privacy is not None:  # the worst client's privacy loss so far, this round included

@@ -207,9 +207,33 @@ def test_corrupt_updates_never_touch_the_server_state():
     sim.strategy = Corrupting(share_bn_stats=False)
     before = {k: v.clone() for k, v in sim.global_state.items()}
     row = sim.run()[-1]
-    assert row["rejected"] == [0, 1, 2] and len(logs) == 3
-    assert "not finite" in logs[0] and "shape" in logs[1] and "disk full" in logs[2]
+    assert row["rejected"] == [0, 1, 2] and len(logs) == 4 and not row["aggregated"]
+    assert "not finite" in logs[0] and "shape" in logs[1] and "disk full" in logs[2] and "0 usable" in logs[3]
     assert all(torch.equal(before[k], v) for k, v in sim.global_state.items())
+
+
+class FailingFirstRound(FedAvg):
+    """Client 0 crashes in round 0; every other reply is healthy."""
+
+    def client_train(self, client, model, global_state, ctx):
+        if client.cid == 0 and ctx.round == 0:
+            raise RuntimeError("node lost")
+        return super().client_train(client, model, global_state, ctx)
+
+
+def test_too_few_replies_are_not_aggregated():
+    logs = []
+    cfg = FLConfig(strategy="fedavg", rounds=2, min_clients=3, **{**TINY, "participation": 1.0})
+    sim = Simulation(cfg, progress=False, log=logs.append)
+    sim.strategy = FailingFirstRound(share_bn_stats=False)
+    before = {k: v.clone() for k, v in sim.global_state.items()}
+    sim.run_round(0)
+    assert all(torch.equal(before[k], v) for k, v in sim.global_state.items())  # 2 of 3: kept
+    assert "2 usable updates, fewer than min_clients=3; not aggregated" in logs[-1]
+    row = sim.run_round(1)  # all three reply: aggregated
+    assert row["aggregated"] and any(not torch.equal(before[k], v) for k, v in sim.global_state.items())
+    with pytest.raises(ValueError, match="min_clients: 3 is more than the 2 clients a round draws"):
+        FLConfig(min_clients=3, **{**TINY, "participation": 0.67})
 
 
 def test_bad_bank_payloads_are_rejected():
