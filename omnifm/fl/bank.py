@@ -35,11 +35,18 @@ class KnowledgeBank:
         self.entries, self.owners, self.freq, self.age = (t[mask] for t in (self.entries, self.owners, self.freq, self.age))
 
     def _guarded(self):
-        """Mask of each owner's most retrieved entry (lowest index on ties)."""
+        """Mask of each owner's most retrieved entry (lowest index on ties): two stable
+        sorts (by frequency, descending, then by owner) put each owner's guarded entry
+        first in its run; O(M log M), no loop over owners."""
         guard = torch.zeros(len(self), dtype=torch.bool)
-        for owner in self.owners.unique().tolist():
-            idx = (self.owners == owner).nonzero().flatten()
-            guard[idx[torch.argmax(self.freq[idx])]] = True
+        if len(self) == 0:
+            return guard
+        by_freq = torch.sort(self.freq, descending=True, stable=True).indices
+        order = by_freq[torch.sort(self.owners[by_freq], stable=True).indices]
+        owners = self.owners[order]
+        first = torch.ones(len(self), dtype=torch.bool)
+        first[1:] = owners[1:] != owners[:-1]
+        guard[order[first]] = True
         return guard
 
     def record(self, counts):
@@ -60,21 +67,27 @@ class KnowledgeBank:
         self._keep(~low | self._guarded())
 
     def insert(self, uploads):
-        """uploads: {client: tensor (p, dim)}; replaces each client's previous entries."""
-        for client in sorted(uploads):
-            protos = uploads[client].detach().float().cpu()
-            if protos.dim() != 2 or protos.shape[1] != self.dim:
-                raise ValueError(f"uploads: client {client} sent shape {tuple(protos.shape)}, expected (p, {self.dim})")
-            if not torch.isfinite(protos).all():
+        """uploads: {client: tensor (p, dim)}; replaces each client's previous entries.
+        Every upload is checked before the bank changes; the new entries (in client
+        order) start at the mean frequency of the entries no uploader replaces (0 if
+        none), so they are neither favoured nor doomed."""
+        clients = sorted(uploads)
+        protos = [uploads[c].detach().float().cpu() for c in clients]
+        for client, p in zip(clients, protos):
+            if p.dim() != 2 or p.shape[1] != self.dim:
+                raise ValueError(f"uploads: client {client} sent shape {tuple(p.shape)}, expected (p, {self.dim})")
+            if not torch.isfinite(p).all():
                 raise ValueError(f"uploads: client {client} sent non-finite prototypes")
-            self._keep(self.owners != client)
-            n = protos.shape[0]
-            self.entries = torch.cat([self.entries, protos])
-            self.owners = torch.cat([self.owners, torch.full((n,), client, dtype=torch.int64)])
-            # New entries start at the mean frequency, so they are neither favoured nor doomed.
-            start = self.freq.mean() if len(self.freq) else torch.tensor(0.0)
-            self.freq = torch.cat([self.freq, start.expand(n)])
-            self.age = torch.cat([self.age, torch.zeros(n, dtype=torch.int64)])
+        if not clients:
+            return
+        self._keep(~torch.isin(self.owners, torch.tensor(clients, dtype=torch.int64)))
+        start = self.freq.mean() if len(self.freq) else torch.tensor(0.0)
+        sizes = torch.tensor([p.shape[0] for p in protos], dtype=torch.int64)
+        n = int(sizes.sum())
+        self.entries = torch.cat([self.entries, *protos])
+        self.owners = torch.cat([self.owners, torch.repeat_interleave(torch.tensor(clients, dtype=torch.int64), sizes)])
+        self.freq = torch.cat([self.freq, start.expand(n)])
+        self.age = torch.cat([self.age, torch.zeros(n, dtype=torch.int64)])
         self.project()
         self.evict()
 
@@ -84,16 +97,24 @@ class KnowledgeBank:
 
     def project(self):
         norms = self.entries.norm(dim=1, keepdim=True)
-        self.entries = self.entries * torch.clamp(self.rho / norms.clamp_min(1e-12), max=1.0)
+        self.entries.mul_(torch.clamp(self.rho / norms.clamp_min(1e-12), max=1.0))  # in place: no second copy
 
     def evict(self):
-        while len(self) > self.capacity:
-            guard = self._guarded()
-            # Least retrieved first, then oldest; guarded entries only if nothing else is left.
-            order = sorted(range(len(self)), key=lambda i: (bool(guard[i]), float(self.freq[i]), -int(self.age[i]), i))
-            mask = torch.ones(len(self), dtype=torch.bool)
-            mask[order[0]] = False
-            self._keep(mask)
+        """Over capacity: least retrieved first, then oldest, then lowest index; guarded
+        entries only when nothing else is left. One sort: dropping an unguarded entry
+        never moves an owner's guard (its most retrieved entry stays), and once only
+        guarded entries are left each is its owner's last, so the order is fixed."""
+        excess = len(self) - self.capacity
+        if excess <= 0:
+            return
+        guard = self._guarded()
+        order = torch.arange(len(self))  # stable sorts from the last key to the first
+        order = order[torch.sort(self.age[order], descending=True, stable=True).indices]
+        order = order[torch.sort(self.freq[order], stable=True).indices]
+        order = order[torch.sort(guard[order].to(torch.uint8), stable=True).indices]
+        mask = torch.ones(len(self), dtype=torch.bool)
+        mask[order[:excess]] = False
+        self._keep(mask)
 
     def end_round(self):
         self.age += 1

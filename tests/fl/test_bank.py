@@ -162,6 +162,52 @@ def test_new_entries_start_at_the_mean_frequency():
     assert bank.freq.tolist() == pytest.approx([0.125] * 5)
 
 
+def test_new_entries_start_at_the_mean_of_the_entries_no_uploader_replaces():
+    bank = KnowledgeBank(1, capacity=10, ema=0.5)
+    bank.seed({0: t([[0.1]]), 1: t([[0.2]]), 2: t([[0.3]])})
+    bank.record({0: counts(6, 3, 1)})  # freq 0.5 * [0.6, 0.3, 0.1]
+    bank.insert({1: t([[0.5]]), 0: t([[0.4]])})
+    # clients 0 and 1 replace theirs; client 2's 0.05 is the mean of what stays, for both
+    assert bank.owners.tolist() == [2, 0, 1] and bank.freq.tolist() == pytest.approx([0.05, 0.05, 0.05])
+
+
+def guarded_one_owner_at_a_time(bank):
+    """The guard's definition, owner by owner (the oracle of the sorted version)."""
+    guard = torch.zeros(len(bank), dtype=torch.bool)
+    for owner in bank.owners.unique().tolist():
+        idx = (bank.owners == owner).nonzero().flatten()
+        guard[idx[torch.argmax(bank.freq[idx])]] = True
+    return guard
+
+
+def evict_one_at_a_time(bank):
+    """Eviction's definition: drop the first of (guarded, freq, -age, index), recompute, repeat."""
+    while len(bank) > bank.capacity:
+        guard = guarded_one_owner_at_a_time(bank)
+        order = sorted(range(len(bank)), key=lambda i: (bool(guard[i]), float(bank.freq[i]), -int(bank.age[i]), i))
+        mask = torch.ones(len(bank), dtype=torch.bool)
+        mask[order[0]] = False
+        bank._keep(mask)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.integers(1, 6), st.integers(0, 45))
+@settings(max_examples=80)
+def test_sorted_guard_and_eviction_match_their_definitions(seed, n, owners, capacity):
+    """Many ties (frequencies and ages from small sets) so every tie-break is exercised."""
+    banks = []
+    for _ in range(2):
+        bank = KnowledgeBank(1, capacity=max(capacity, 1))
+        bank.entries = torch.arange(n, dtype=torch.float32)[:, None]
+        bank.owners = torch.randint(0, owners, (n,), generator=torch.Generator().manual_seed(seed))
+        bank.freq = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1)).float() / 4
+        bank.age = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 2))
+        banks.append(bank)
+    assert torch.equal(banks[0]._guarded(), guarded_one_owner_at_a_time(banks[0]))
+    banks[0].evict()
+    evict_one_at_a_time(banks[1])
+    assert all(torch.equal(banks[0].state_dict()[k], banks[1].state_dict()[k]) for k in banks[0].state_dict())
+
+
 @given(st.integers(0, 2**31 - 1), st.floats(0.1, 3.0), st.integers(1, 4))
 @settings(max_examples=30)
 def test_projection_clamps_onto_the_ball(seed, rho, dim):
@@ -253,4 +299,7 @@ def test_rejects_bad_arguments():
         bank.insert({0: torch.randn(2, 4, generator=torch.Generator().manual_seed(0))})
     with pytest.raises(ValueError, match="uploads"):
         bank.insert({0: torch.tensor([[float("nan"), 0.0, 0.0]])})
+    assert len(bank) == 0
+    with pytest.raises(ValueError, match="uploads: client 1"):  # checked before any upload goes in
+        bank.insert({0: torch.ones(1, 3), 1: torch.ones(1, 4)})
     assert len(bank) == 0
