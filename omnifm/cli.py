@@ -51,13 +51,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-TASK_FLAGS = ("scenario", "clients", "participation", "batch_size", "lr", "samples_per_client", "image_size")
+TASK_FLAGS = ("scenario", "clients", "participation", "batch_size", "lr", "image_size")
 
 
 def _train_parser():
     """The parser of `omnifm train` (built only for that command: it imports the
     federation layer and the tasks, which `omnifm info` does not need)."""
     from omnifm.fl import STRATEGIES, FLConfig
+    from omnifm.fl.simulation import SYNTHETIC_SAMPLES
     from omnifm.tasks import TASK_OPTIONS, TASKS, task_class
 
     d = FLConfig()
@@ -88,7 +89,9 @@ def _train_parser():
     p.add_argument("--batch-size", type=int, default=None, help=task_default)
     p.add_argument("--lr", type=float, default=None, help=f"local SGD step size; {task_default}")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--samples-per-client", type=int, default=None, help=task_default)
+    p.add_argument("--samples-per-client", type=int, default=None,
+                   help=f"synthetic data: samples per client (default {SYNTHETIC_SAMPLES}); real data: a cap on each "
+                   "client's samples (default: all)")
     p.add_argument("--image-size", type=int, default=None, help=task_default)
     p.add_argument("--width", type=float, default=d.width, help="backbone width factor")
     p.add_argument("--scale", type=int, default=None, help=f"super-resolution factor: 2, 4 or 8 (default {d.scale})")

@@ -200,7 +200,7 @@ def main(argv=None):
     example = next(iter(configs.values()))
     shown = spec.get("shown", metrics[:2])
     lines = [f"{task}: last-round {' / '.join(shown)}, mean ± std over seeds {args.seeds} "
-             f"({example.data}, {example.rounds} rounds, {example.samples_per_client} samples per client, "
+             f"({example.data}, {example.rounds} rounds, {example.synthetic_samples} samples per client, "
              f"image {example.image_size}, width {example.width}{', --quick' if args.quick else ''})", "",
              "| strategy | " + " | ".join(" ".join(str(v) for v in c.values()) for c in cells) + " |",
              "|---" * (len(cells) + 1) + "|"]

@@ -18,6 +18,9 @@ from .privacy import GaussianUploads
 from .strategies import make_strategy
 
 
+SYNTHETIC_SAMPLES = 160  # per client, when samples_per_client is not given
+
+
 @dataclasses.dataclass
 class FLConfig:
     task: str = "classification"  # a name in omnifm.tasks.TASKS
@@ -32,7 +35,9 @@ class FLConfig:
     batch_size: int = 32
     lr: float = 0.01
     seed: int = 0
-    samples_per_client: int = 160
+    # synthetic data: samples per client (None: SYNTHETIC_SAMPLES); real data: a cap on each
+    # client's samples (None: all of them)
+    samples_per_client: int | None = None
     image_size: int = 32
     width: float = 0.25  # backbone width factor
     scale: int = 2  # super-resolution factor (tasks without one ignore it)
@@ -52,6 +57,11 @@ class FLConfig:
     dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
     dp_delta: float = 1e-5  # the delta at which epsilon is reported
 
+    @property
+    def synthetic_samples(self):
+        """Samples per client of the synthetic generators."""
+        return self.samples_per_client or SYNTHETIC_SAMPLES
+
     def __post_init__(self):
         """Every setting checked when the config is made (before any data, model or
         file): a bad one raises ValueError/TypeError naming it."""
@@ -67,6 +77,10 @@ class FLConfig:
                 if value is not None and not isinstance(value, str):
                     raise TypeError(f"data_root: expected a path, got {value!r}")
                 continue
+            if f.name == "samples_per_client":
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise ValueError(f"samples_per_client: expected None or an int >= 1, got {value!r}")
+                continue
             ok = (isinstance(value, kind) and not isinstance(value, bool) if kind is int else
                   isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
                   isinstance(value, kind))
@@ -74,7 +88,7 @@ class FLConfig:
                 raise TypeError(f"{f.name}: expected {kind.__name__}, got {value!r}")
             if kind in (int, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
-        at_least_1 = ("clients", "min_clients", "rounds", "local_epochs", "batch_size", "samples_per_client", "image_size", "topk",
+        at_least_1 = ("clients", "min_clients", "rounds", "local_epochs", "batch_size", "image_size", "topk",
                       "bank_capacity")
         for name in at_least_1:
             if getattr(self, name) < 1:

@@ -29,7 +29,7 @@ class ClassificationTask(Task):
         cfg = self.cfg
         if cfg.data == "synthetic":
             parts, self.n_classes = synthetic_federation(cfg.clients, cfg.scenario, image_size=cfg.image_size,
-                                                         samples_per_client=cfg.samples_per_client, seed=cfg.seed)
+                                                         samples_per_client=cfg.synthetic_samples, seed=cfg.seed)
         elif cfg.data == "medmnist":
             if not cfg.data_root:
                 raise ValueError("data_root: required with data='medmnist'")

@@ -137,7 +137,7 @@ class FusionTask(Task):
         if cfg.data == "synthetic":
             from ..data.fusion_pairs import synthetic_fusion_federation
 
-            parts = synthetic_fusion_federation(cfg.clients, samples_per_client=cfg.samples_per_client,
+            parts = synthetic_fusion_federation(cfg.clients, samples_per_client=cfg.synthetic_samples,
                                                 image_size=cfg.image_size, seed=cfg.seed)
         elif cfg.data == "atlas":
             if not cfg.data_root:

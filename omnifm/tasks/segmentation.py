@@ -57,7 +57,7 @@ class SegmentationTask(Task):
         if cfg.data == "synthetic":
             from ..data.lesions import synthetic_segmentation_federation
 
-            parts = synthetic_segmentation_federation(cfg.scenario, samples_per_client=cfg.samples_per_client,
+            parts = synthetic_segmentation_federation(cfg.scenario, samples_per_client=cfg.synthetic_samples,
                                                       image_size=cfg.image_size, seed=cfg.seed)
         elif cfg.data == "fets":
             if not cfg.data_root:

@@ -64,7 +64,7 @@ class SuperResolutionTask(Task):
             from ..data.tissue import synthetic_sr_federation
 
             parts = synthetic_sr_federation(cfg.clients, cfg.scenario, scale=cfg.scale, image_size=cfg.image_size,
-                                            samples_per_client=cfg.samples_per_client, seed=cfg.seed)
+                                            samples_per_client=cfg.synthetic_samples, seed=cfg.seed)
         elif cfg.data == "breakhis":
             if not cfg.data_root:
                 raise ValueError("data_root: required with data='breakhis'")

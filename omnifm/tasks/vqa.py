@@ -312,7 +312,8 @@ class VQATask(Task):
             *self._encoders, self.tokenizer = load_encoders(cfg.vqa_model)
             self.image_size = self._encoders[0].config.image_size
         pool, clients = vqa_federation(cfg.data, cfg.data_root, cfg.scenario, cfg.clients,
-                                       samples_per_client=cfg.samples_per_client, image_size=self.image_size,
+                                       samples_per_client=cfg.synthetic_samples if cfg.data == "synthetic"
+                                       else cfg.samples_per_client, image_size=self.image_size,
                                        seed=cfg.seed)
         train_rows = [r for _, tr, _ in clients for r in tr]
         self.answers = sorted({pool.answers[r] for r in train_rows})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -336,6 +337,10 @@ def test_medmnist_loader_on_written_files(tmp_path):
     cfg = FLConfig(strategy="fedper", data="medmnist", data_root=str(tmp_path), scenario="extra", rounds=1,
                    **{**TINY, "image_size": 28, "samples_per_client": 12})
     assert len(Simulation(cfg, progress=False).run()) == 1
+    # Real data is not capped unless asked: 3 clients (one per modality) share all 36 + 36 images
+    whole = Simulation(dataclasses.replace(cfg, samples_per_client=None), progress=False)
+    assert sum(len(c.train) + len(c.test) for c in whole.clients) == 72
+    assert sum(len(c.train) + len(c.test) for c in Simulation(cfg, progress=False).clients) == 36
 
 
 def test_cli_train_end_to_end(tmp_path):
