@@ -151,6 +151,22 @@ def validate_update(update, global_state, dim=None, bank_size=None):
     return None
 
 
+NORM_OUTLIER_RATIO = 100.0  # "huge": honest clients with 10x more data (more local steps) stay well under it
+
+
+def norm_outliers(updates, global_state, ratio=NORM_OUTLIER_RATIO):
+    """The updates whose change of the shared floating-point tensors has an L2 norm over
+    ratio x the median of the round's (only with 3 or more updates, so the median is
+    the honest majority's): a huge-norm upload would otherwise dominate the average."""
+    if len(updates) < 3:
+        return []
+    names = [k for k, v in global_state.items() if v.is_floating_point()]
+    norms = torch.stack([torch.sqrt(sum(((u.weights[k] - global_state[k]).double() ** 2).sum() for k in names))
+                         for u in updates]) if names else torch.zeros(len(updates), dtype=torch.float64)
+    limit = ratio * norms.median()
+    return [u for u, n in zip(updates, norms.tolist()) if n > limit and n > 0]
+
+
 CHECKPOINT_KEYS = {"config", "next_round", "global", "strategy", "bank", "clients", "history"}
 
 
@@ -261,19 +277,26 @@ class Simulation:
             client = self.clients[cid]
             try:
                 update = self.strategy.client_train(client, self.model, self.global_state, self.context(r, cid))
+                if self.privacy is not None:  # on the client, before anything leaves it
+                    update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
             except Exception as exc:  # a failing client must not stop the federation
                 rejected.append(cid)
                 self.log(f"round {r}: client {cid} failed ({type(exc).__name__}: {exc}); skipped")
                 continue
-            if self.privacy is not None:  # on the client, before anything leaves it
-                update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
             why = validate_update(update, self.global_state, self.dim, len(self.bank) if self.bank else None)
+            if why is None and (update.client != cid or any(u.client == cid for u in updates)):
+                why = f"it claims to be client {update.client}" if update.client != cid else "a second update"
             if why is not None:
                 rejected.append(cid)
                 self.log(f"round {r}: update of client {cid} rejected: {why}")
                 continue
             up += tensor_bytes(update.weights) + tensor_bytes(update.extra) + tensor_bytes(update.bank_upload)
             updates.append(update)
+        for u in norm_outliers(updates, self.global_state):
+            rejected.append(u.client)
+            self.log(f"round {r}: update of client {u.client} rejected: its change is over {NORM_OUTLIER_RATIO:g}x "
+                     "the round's median")
+            updates.remove(u)
         aggregated = len(updates) >= self.cfg.min_clients and len(updates) > 0
         if not aggregated:  # too few replies: the server's state stays as it was
             self.log(f"round {r}: {len(updates)} usable updates, fewer than min_clients={self.cfg.min_clients}; "

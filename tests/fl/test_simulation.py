@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from omnifm.fl import FLConfig, Simulation, dirichlet_label_skew, sample_participants
+from omnifm.fl.client import load_state
 from omnifm.fl.strategies import STRATEGIES, FedAvg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,10 +257,58 @@ def test_bad_bank_payloads_are_rejected():
     sim.seed_bank()
     bank_before = sim.bank.state_dict()
     row = sim.run_round(0)
-    assert row["rejected"] == row["clients"] and len(logs) == 2
+    assert row["rejected"] == row["clients"] and len(logs) == 3 and "not aggregated" in logs[2]
     for cid, line in zip(row["clients"], logs):
         assert ("retrieval counts" if cid % 2 == 0 else "bank upload") in line
     assert all(torch.equal(bank_before[k], v) for k, v in sim.bank.state_dict().items())
+
+
+def byzantine_round(attack):
+    """One OmniFM round, 5 clients: with attack=True client 0 sends a change 1e6 times too
+    large, client 1 NaN prototypes, client 2 a copy claiming to be client 3; with
+    attack=False those three fail instead. The honest clients are 3 and 4."""
+    from omnifm.fl.strategies import OmniFM
+
+    class Byzantine(OmniFM):
+        def client_train(self, client, model, global_state, ctx):
+            if client.cid < 3 and not attack:
+                raise RuntimeError("offline")
+            update = super().client_train(client, model, global_state, ctx)
+            if client.cid == 0:
+                update.weights = {k: global_state[k] + 1e6 * (w - global_state[k]) if w.is_floating_point() else w
+                                  for k, w in update.weights.items()}
+            elif client.cid == 1:
+                update.bank_upload = torch.full_like(update.bank_upload, float("nan"))
+            elif client.cid == 2:
+                update.client = 3
+            return update
+
+    logs = []
+    cfg = FLConfig(strategy="omnifm", rounds=1, **{**TINY, "clients": 5, "participation": 1.0})
+    sim = Simulation(cfg, progress=False, log=logs.append)
+    sim.strategy = Byzantine(head_prefix="backbone.fc.")
+    sim.seed_bank()
+    row = sim.run_round(0)
+    return sim, row, logs
+
+
+def test_byzantine_uploads_change_nothing_the_honest_clients_see():
+    attacked, row, logs = byzantine_round(attack=True)
+    clean, clean_row, _ = byzantine_round(attack=False)
+    assert sorted(row["rejected"]) == [0, 1, 2] == sorted(clean_row["rejected"])
+    assert any("client 0 rejected: its change is over 100x" in line for line in logs)
+    assert any("client 1 rejected: its bank upload" in line for line in logs)
+    assert any("client 2 rejected: it claims to be client 3" in line for line in logs)
+    a, b = attacked.state_dict(), clean.state_dict()
+    for part in ("global", "bank"):
+        assert all(same(x, y) for (_, x), (_, y) in zip(flatten(a[part]), flatten(b[part]))), part
+    # so the honest clients retrieve the same prototypes from the bank
+    for sim in (attacked, clean):
+        load_state(sim.model, *sim.strategy.eval_state(sim.clients[3], sim.global_state))
+        sim.model.set_bank(sim.bank.entries)
+    x = attacked.clients[3].test.tensors[0][:4]
+    s = attacked.model.spectral_tokens(x)
+    assert torch.equal(attacked.model.retrieve(s), clean.model.retrieve(s))
 
 
 def test_partitioners():
