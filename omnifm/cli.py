@@ -108,6 +108,10 @@ def _train_parser():
     p.add_argument("--no-gskr", dest="gskr", action="store_false", help="ablation: mean bank embedding")
     p.add_argument("--no-eca", dest="eca", action="store_false", help="ablation: FiLM instead of ECA")
     p.add_argument("--no-psp", dest="psp", action="store_false", help="ablation: no suffix prompts")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+                   help="evaluate every N rounds and the last (the other metrics rows carry no metrics)")
+    p.add_argument("--eval-clients", type=int, default=d.eval_clients, metavar="N",
+                   help="evaluate a fresh sample of N clients each time (default 0: all)")
     p.add_argument("--min-clients", type=int, default=d.min_clients,
                    help="a round with fewer usable updates (the others failed or were rejected) is not aggregated")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, metavar="C",

@@ -7,15 +7,21 @@ BOOKKEEPING = ("round", "loss", "seconds", "bytes_up", "bytes_down", "clients", 
 
 
 def metric_names(history):
-    """The task's metrics, in the order the rows hold them."""
-    return [k for k, v in history[0].items() if k not in BOOKKEEPING and isinstance(v, (int, float))]
+    """The task's metrics, in the order the rows hold them (rows of rounds without
+    evaluation, --eval-every, hold none)."""
+    for row in history:
+        names = [k for k, v in row.items() if k not in BOOKKEEPING and isinstance(v, (int, float))]
+        if names:
+            return names
+    return []
 
 
 def summary(history, main=None):
     names = metric_names(history)
     main = main or names[0]
-    last = history[-1]
-    return {"rounds": last["round"], **{k: last[k] for k in names}, f"best_{main}": max(r[main] for r in history),
+    last = [r for r in history if main in r][-1]  # the last evaluated round (the last round is always one)
+    return {"rounds": history[-1]["round"], **{k: last[k] for k in names},
+            f"best_{main}": max(r[main] for r in history if main in r),
             "sec_per_round": sum(r["seconds"] for r in history) / len(history),
             "mb_up_per_round": sum(r["bytes_up"] for r in history) / len(history) / 2**20,
             "mb_down_per_round": sum(r["bytes_down"] for r in history) / len(history) / 2**20}
@@ -52,9 +58,9 @@ def plot_curves(results, path):
     names = metric_names(next(iter(results.values())))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for run, history in results.items():
-        rounds = [r["round"] for r in history]
         for ax, name in zip(axes[0], names):
-            ax.plot(rounds, [r[name] for r in history], label=run)
+            rows = [r for r in history if name in r]
+            ax.plot([r["round"] for r in rows], [r[name] for r in rows], label=run)
     for ax, name in zip(axes[0], names):
         ax.set_xlabel("round")
         ax.set_ylabel(name)

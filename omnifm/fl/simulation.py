@@ -52,6 +52,8 @@ class FLConfig:
     bank_capacity: int = 256
     bank_rho: float = 1.0
     bank_delta: float = 0.01
+    eval_every: int = 1  # evaluate every N rounds (and the last); other rows carry no metrics
+    eval_clients: int = 0  # evaluate a sample of N clients per evaluation (0: all of them)
     min_clients: int = 1  # a round with fewer usable updates is not aggregated (logged, state kept)
     dp_clip: float = 0.0  # > 0: clip each upload to this L2 norm and add noise (omnifm.fl.privacy)
     dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
@@ -88,7 +90,7 @@ class FLConfig:
                 raise TypeError(f"{f.name}: expected {kind.__name__}, got {value!r}")
             if kind in (int, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
-        at_least_1 = ("clients", "min_clients", "rounds", "local_epochs", "batch_size", "image_size", "topk",
+        at_least_1 = ("clients", "min_clients", "eval_every", "rounds", "local_epochs", "batch_size", "image_size", "topk",
                       "bank_capacity")
         for name in at_least_1:
             if getattr(self, name) < 1:
@@ -96,7 +98,7 @@ class FLConfig:
         for name in ("lr", "width", "bank_rho"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("lam", "bank_delta", "dp_clip", "dp_noise"):
+        for name in ("lam", "bank_delta", "dp_clip", "dp_noise", "eval_clients"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
@@ -310,7 +312,8 @@ class Simulation:
                     self.bank.prune()
                 self.bank.insert({u.client: u.bank_upload for u in updates})
                 self.bank.end_round()
-        row = {"round": r + 1, **self.evaluate(),
+        evaluated = (r + 1) % self.cfg.eval_every == 0 or r + 1 == self.cfg.rounds
+        row = {"round": r + 1, **(self.evaluate(self.eval_sample(r)) if evaluated else {}),
                "loss": sum(u.loss for u in updates) / len(updates) if updates else float("nan"),
                "seconds": time.perf_counter() - t0, "bytes_up": up, "bytes_down": down * len(participants),
                "clients": participants, "rejected": rejected, "aggregated": aggregated}
@@ -322,12 +325,22 @@ class Simulation:
             row["dp_delta"] = self.cfg.dp_delta
         return row
 
-    def evaluate(self):
-        """Personalised: each client's model on its own held-out split; every metric is
-        the mean over clients weighted by the task's `metric_weights` (held-out samples,
-        or the samples a metric is about); NaN where no client has any."""
+    def eval_sample(self, r):
+        """The clients evaluated after round r: all, or eval_clients of them drawn with
+        (seed, round) like the participants (a fresh sample each time)."""
+        if not self.cfg.eval_clients or self.cfg.eval_clients >= len(self.clients):
+            return self.clients
+        ids = sample_participants(len(self.clients), self.cfg.eval_clients / len(self.clients), r,
+                                  seed=self.cfg.seed + 1)
+        return [self.clients[i] for i in ids]
+
+    def evaluate(self, clients=None):
+        """Personalised: each client's model on its own held-out split (all clients, or
+        those given); every metric is the mean over clients weighted by the task's
+        `metric_weights` (held-out samples, or the samples a metric is about); NaN where
+        no client has any."""
         totals, weights = {}, {}
-        for c in self.clients:
+        for c in self.clients if clients is None else clients:
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
@@ -368,7 +381,7 @@ class Simulation:
                     fh.write(json.dumps(row) + "\n")
                 self.checkpoint()
             if bar is not None:
-                bar.set_postfix({k: f"{row[k]:.3f}" for k in self.task.metrics})
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in self.task.metrics if k in row})
                 bar.update(1)
         if bar is not None:
             bar.close()

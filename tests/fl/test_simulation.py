@@ -13,6 +13,7 @@ import torch
 
 from omnifm.fl import FLConfig, Simulation, dirichlet_label_skew, sample_participants
 from omnifm.fl.client import load_state
+from omnifm.fl.report import table
 from omnifm.fl.strategies import STRATEGIES, FedAvg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -424,6 +425,22 @@ def test_evaluation_is_sample_weighted():
     sim.task.evaluate = lambda model, dataset: {"accuracy": per_client[len(dataset)], "f1": 1.0}
     got = sim.evaluate()
     assert got["accuracy"] == pytest.approx((2 * 0.1 + 3 * 0.4 + 5 * 0.9) / 10) and got["f1"] == pytest.approx(1.0)
+
+
+def test_eval_every_and_eval_clients():
+    seen = []
+    sim = Simulation(FLConfig(strategy="fedavg", rounds=5, eval_every=2, eval_clients=2,
+                              **{**TINY, "clients": 4, "participation": 0.5}), progress=False)
+    real = sim.task.evaluate
+    sim.task.evaluate = lambda model, dataset: seen.append(id(dataset)) or real(model, dataset)
+    rows = sim.run()
+    assert [("accuracy" in r) for r in rows] == [False, True, False, True, True]  # every 2nd, and the last
+    assert len(seen) == 6  # two clients per evaluation
+    ids = {id(c.test): c.cid for c in sim.clients}
+    samples = [sorted(ids[i] for i in seen[k:k + 2]) for k in (0, 2, 4)]
+    assert samples == [[c.cid for c in sim.eval_sample(r)] for r in (1, 3, 4)] and len({tuple(x) for x in samples}) > 1
+    text = table({"fedavg": rows})
+    assert f"| fedavg | 5 | {rows[-1]['accuracy']:.4f} |" in text
 
 
 def test_evaluation_weights_each_metric_by_its_own_samples():
