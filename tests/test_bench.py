@@ -14,13 +14,14 @@ CASES = {
     "eca": ["--batch", "2", "--tokens", "20", "--dim", "8", "--head-dim", "8", "--no-compile"],
     "round": ["--clients", "2", "--participation", "1.0", "--rounds", "1"],
     "bank": ["--entries", "3000", "--owners", "30", "--evict", "200", "--dim", "16"],
+    "scale": ["--configs", "12:0.25", "--rounds", "1", "--eval-clients", "3", "--threads", "1"],
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bench_script_runs(name):
     args = CASES[name] + ["--no-csv"]
-    if name not in ("round", "bank"):  # (those two time whole operations once, no repeats)
+    if name not in ("round", "bank", "scale"):  # (these time whole operations, no repeats)
         args += ["--warmup", "0", "--repeat", "1"]
     env = {**os.environ, "OMNIFM_BACKEND": ""}
     env.pop("TRITON_INTERPRET", None)  # benchmarks time real backends only
