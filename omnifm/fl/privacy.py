@@ -14,7 +14,8 @@ Each round, before anything is sent, a participating client
 
 Accounting: a client's privacy loss is the composition of two Gaussian mechanisms
 (noise multiplier sigma) per round it took part in (a rejected upload still left the
-hospital, so it counts); no amplification by sampling is claimed, since the
+hospital, so it counts), plus one for the prototypes every client sends to seed the
+bank before round 0 (noised the same way); no amplification by sampling is claimed, since the
 participants are drawn without replacement and known to the server. epsilon(delta) is
 the largest over clients, from the RDP accountant of Google's `dp-accounting`
 (never a hand-rolled formula). What is not covered: the number of samples each client
@@ -55,23 +56,28 @@ class GaussianUploads:
         for k, c in zip(names, noisy):
             weights[k] = global_state[k] + c
         extra = _unflatten_extra(update.extra, dict(zip(extras, noisy[len(names):])))
-        protos = update.bank_upload
-        if protos is not None:
-            norms = protos.norm(dim=1, keepdim=True).clamp(min=1e-12)
-            protos = protos * (1.0 / norms).clamp(max=1.0) + self.noise * torch.randn(protos.shape, generator=gen,
-                                                                                        dtype=protos.dtype)
+        protos = None if update.bank_upload is None else self.privatize_prototypes(update.bank_upload, gen)
         return dataclasses.replace(update, weights=weights, extra=extra, bank_upload=protos, retrieval_counts=None)
 
-    def epsilon(self, participations):
-        """epsilon at self.delta for a client that took part in `participations` rounds."""
-        if participations == 0:
+    def privatize_prototypes(self, protos, generator):
+        """Each prototype clipped to norm <= 1, plus N(0, sigma^2) noise (also the round-0
+        seeding upload, which counts as one more mechanism: see epsilon)."""
+        norms = protos.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return protos * (1.0 / norms).clamp(max=1.0) + self.noise * torch.randn(protos.shape, generator=generator,
+                                                                                  dtype=protos.dtype)
+
+    def epsilon(self, participations, seeded=False):
+        """epsilon at self.delta for a client that took part in `participations` rounds
+        (two mechanisms each) and, when seeded, sent its prototypes to seed the bank."""
+        events = 2 * participations + int(seeded)
+        if events == 0:
             return 0.0
         if self.noise == 0:
             return math.inf
         import dp_accounting
 
         accountant = dp_accounting.rdp.RdpAccountant()
-        accountant.compose(dp_accounting.GaussianDpEvent(self.noise), 2 * participations)
+        accountant.compose(dp_accounting.GaussianDpEvent(self.noise), events)
         return float(accountant.get_epsilon(self.delta))  # a numpy scalar would not pass weights_only loading
 
 

@@ -268,6 +268,9 @@ class Simulation:
         for c in self.clients:
             load_state(self.model, self.global_state, c.local_state)
             uploads[c.cid] = prototypes(self.model, c, self.task.prototype_groups)
+            if self.privacy is not None:  # noised on the client like every later upload
+                gen = torch.Generator().manual_seed(self.context(-1, c.cid).seed + 7)
+                uploads[c.cid] = self.privacy.privatize_prototypes(uploads[c.cid], gen)
         self.bank.seed(uploads)
 
     def run_round(self, r):
@@ -321,7 +324,8 @@ class Simulation:
             row["bank_size"] = len(self.bank)
         if self.privacy is not None:  # the worst client's privacy loss so far, this round included
             taken = [cid for h in [*self.history, row] for cid in h["clients"]]
-            row["epsilon"] = max(self.privacy.epsilon(taken.count(c)) for c in set(taken))
+            row["epsilon"] = max(self.privacy.epsilon(taken.count(c), seeded=self.bank is not None)
+                                 for c in range(len(self.clients)))
             row["dp_delta"] = self.cfg.dp_delta
         return row
 

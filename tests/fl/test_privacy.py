@@ -67,6 +67,10 @@ def test_epsilon_is_the_accountants():
         accountant.compose(dp_accounting.GaussianDpEvent(1.2), 2 * n)  # update and prototypes, each round
         assert dp.epsilon(n) == pytest.approx(accountant.get_epsilon(1e-6))
     assert dp.epsilon(0) == 0 and 0 < dp.epsilon(1) < dp.epsilon(3) < dp.epsilon(10)
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.2), 7)  # the bank's seeding upload is one more
+    assert dp.epsilon(3, seeded=True) == pytest.approx(accountant.get_epsilon(1e-6))
+    assert 0 < dp.epsilon(0, seeded=True) < dp.epsilon(1)
     assert GaussianUploads(clip=1.0, noise=4.0, delta=1e-6).epsilon(3) < dp.epsilon(3)
     assert math.isinf(GaussianUploads(clip=1.0, noise=0.0, delta=1e-6).epsilon(1))
 
@@ -89,7 +93,8 @@ def test_federation_reports_epsilon_and_resumes_exactly(strategy, tmp_path):
     accountant = GaussianUploads(1.0, 0.8, 1e-5)
     for i, row in enumerate(full.history):
         taken = [c for r in full.history[:i + 1] for c in r["clients"]]
-        assert row["epsilon"] == pytest.approx(max(accountant.epsilon(taken.count(c)) for c in set(taken)))
+        seeded = strategy == "omnifm"  # every client also sent prototypes to seed the bank
+        assert row["epsilon"] == pytest.approx(max(accountant.epsilon(taken.count(c), seeded) for c in range(3)))
         assert row["dp_delta"] == 1e-5
     assert [r["epsilon"] for r in full.history] == sorted(r["epsilon"] for r in full.history)
     simulate(strategy, 2, tmp_path / "cut", **dp)
@@ -99,6 +104,21 @@ def test_federation_reports_epsilon_and_resumes_exactly(strategy, tmp_path):
     text = table({"private": full.history, "plain": plain.history})
     assert "| ε (δ) |" in text.splitlines()[0] and f"| {full.history[-1]['epsilon']:.2f} (1e-05) |" in text
     assert text.splitlines()[-1].endswith("| no DP |")
+
+
+def test_the_bank_is_seeded_with_noised_prototypes():
+    plain = Simulation(FLConfig(strategy="omnifm", rounds=1, **TINY), progress=False)
+    private = Simulation(FLConfig(strategy="omnifm", rounds=1, dp_clip=0.5, dp_noise=1.0, **TINY), progress=False)
+    plain.seed_bank(), private.seed_bank()
+    # what each client sent: its prototypes plus N(0, 1) noise with its own generator; the
+    # bank then projects every entry onto the unit ball
+    sent = [private.privacy.privatize_prototypes(plain.bank.entries[plain.bank.owners == c],
+                                                 torch.Generator().manual_seed(private.context(-1, c).seed + 7))
+            for c in range(3)]
+    want = torch.cat(sent)
+    want = want / want.norm(dim=1, keepdim=True).clamp(min=1.0)
+    torch.testing.assert_close(private.bank.entries, want)
+    assert not torch.allclose(private.bank.entries, plain.bank.entries, atol=0.1)
 
 
 def test_dp_uploads_change_the_global_state_and_skip_usage_counts():
