@@ -191,6 +191,25 @@ def _train(p, args):
     print(f"\nmetrics: {out}/<strategy>/metrics.jsonl   curves: {out}/curves.png   table: {out}/results.md")
 
 
+def _audit(p, args):
+    if args.public < 2 or args.steps < 1:
+        p.error("audit: --public needs at least 2 images and --steps at least 1")
+    if not os.path.exists(os.path.join(args.run, "config.json")):
+        p.error(f"audit: --run {args.run}: no config.json there")
+    from omnifm.audit import leakage, table
+
+    try:
+        result = leakage(args.run, public=args.public, steps=args.steps, seed=args.seed)
+    except (ValueError, OSError) as exc:
+        p.error(f"audit: {exc}")
+    dp = result["dp"]
+    text = table(result, f"Leakage audit of {args.run} (DP: " + (f"clip {dp['clip']:g}, noise {dp['noise']:g})"
+                                                                 if dp["clip"] else "off)"))
+    print(text)
+    with open(os.path.join(args.run, "leakage.md"), "w") as fh:
+        fh.write(text + "\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its own parser: the light commands never import the federation layer
@@ -205,11 +224,21 @@ def main(argv=None):
     # add_help=False: `omnifm bench NAME --help` reaches the script, which shows its own options
     bench = sub.add_parser("bench", add_help=False, help="run bench/bench_<name>.py (extra args are passed on)")
     bench.add_argument("name", help="e.g. spectral")
+    audit = sub.add_parser("audit", help="privacy audits of a finished run")
+    audit.add_argument("what", choices=["leakage"], help="leakage: invert prototypes / spectral tokens to images")
+    audit.add_argument("--run", required=True, metavar="DIR", help="a run directory holding an omnifm run")
+    audit.add_argument("--public", type=int, default=512, help="the attacker's public images")
+    audit.add_argument("--steps", type=int, default=400, help="training steps of the inversion network")
+    audit.add_argument("--seed", type=int, default=0)
     args, rest = p.parse_known_args(argv)
     if args.command == "info":
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         _print_info(args.json)
+    elif args.command == "audit":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        _audit(p, args)
     elif args.command == "bench":
         script = os.path.join(_bench_dir(), f"bench_{args.name}.py")
         if not os.path.exists(script):
