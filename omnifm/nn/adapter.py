@@ -107,6 +107,8 @@ class OmniFMAdapter(nn.Module):
     def _fuse(self, module, inputs, output):
         if self._state is None or self._state[1] is None:
             return output
+        if isinstance(output, tuple):  # layers that return (hidden, extras), e.g. older transformers blocks
+            return (self._fuse(module, inputs, output[0]), *output[1:])
         protos = self._state[1]
         if self.mode == "spatial":
             B, d, h, w = output.shape

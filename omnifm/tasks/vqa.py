@@ -15,9 +15,12 @@ from a local `save_pretrained` CLIP directory (`save_pretrained` here writes one
 with local_files_only: nothing is downloaded. Images are resized to the vision
 model's size and normalised with CLIP's mean and std.
 
-OmniFM: the adapter runs in sequence mode on the vision tokens after CLIP's
-pre-encoder LayerNorm (prefix Z, tokens, suffix prompts c: the encoder then sees
-2L + p tokens; the fusion block reads all of them); the spectral token is the image's.
+OmniFM: the adapter runs in sequence mode on the vision encoder's output tokens r (a
+hook on its last block), so the fusion block and the head read r' = [Z || r || c]
+(prefix Z, tokens, suffix prompts c), the paper's r' feeding the head; the encoder
+itself runs on its L tokens as usual. (On the encoder's input instead, every block
+would run on 2L + p tokens: 1.7x FedAvg's round time at the --quick size, for no gain
+in accuracy that we measured.) The spectral token is the image's.
 
 Tuning regimes (`--tuning`), applied to both encoders: full; lora (peft LoraConfig,
 r=8, alpha=32, on the attention q and v projections); adapter (a zero-initialised
@@ -362,7 +365,8 @@ class VQATask(Task):
         net = VQANet(vision, text, len(self.answers))
         apply_tuning(net, self.cfg.tuning)
         if omnifm:
-            layer = next(name for name, _ in net.named_modules() if name.endswith("pre_layrnorm"))
+            blocks = next(name for name, _ in net.vision.named_modules() if name.endswith("encoder.layers"))
+            layer = f"vision.{blocks}.{len(encoder_layers(net.vision)) - 1}"  # the encoder's last block
             model = OmniFMAdapter(net, layer, self.adapter_dim, 3, mode="sequence",
                                   size=min(8, self.image_size), **adapter_kwargs)
             model.tokenizer = ImageTokenizer(model.tokenizer)

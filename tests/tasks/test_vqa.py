@@ -9,7 +9,7 @@ from torch import nn
 from omnifm.fl import Simulation
 from omnifm.fl.client import in_order
 from omnifm.tasks import config_for, get_task
-from omnifm.tasks.vqa import TUNINGS, VQADataset, save_pretrained
+from omnifm.tasks.vqa import TUNINGS, VQADataset, encoder_layers, save_pretrained
 
 # 12 questions per client leave some test answers unseen in training: expected here
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:vqa.*never seen")]
@@ -152,6 +152,21 @@ def test_from_pretrained_round_trip(tmp_path):
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_omnifm_feeds_prefix_tokens_suffix_to_the_fusion_block_not_to_the_encoder():
+    task, parts, model = task_and_model(omnifm=True)
+    model.set_bank(torch.nn.functional.normalize(torch.randn(5, task.adapter_dim), dim=1))
+    seen = {}
+    model.backbone.fusion.register_forward_pre_hook(lambda m, args: seen.update(fusion=args[0].shape))
+    first = encoder_layers(model.backbone.vision)[0]
+    first.register_forward_pre_hook(lambda m, args: seen.update(encoder=args[0].shape))
+    x, _ = next(in_order(parts[0].train, 4))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    L = (32 // 8) ** 2 + 1  # patches and the class token
+    assert seen["encoder"][1] == L and seen["fusion"][1] == 2 * L + model.suffix.shape[0]
 
 
 def test_lora_is_merged_into_the_saved_encoders(tmp_path):
