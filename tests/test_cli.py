@@ -131,3 +131,44 @@ def test_resume_with_a_damaged_checkpoint_names_the_file(monkeypatch, tmp_path, 
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
     assert ("no checkpoint of local" if damage == "missing" else "is not a readable checkpoint") in err
     assert (out / "config.json").read_text() == config  # nothing rewritten
+
+
+def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    """The server process killed with SIGKILL after some rounds; --resume finishes the
+    run with exactly the metrics of one that was never interrupted."""
+    import os
+    import signal
+    import time
+
+    args = ["--strategy", "omnifm", "--rounds", "6", "--clients", "3", "--participation", "0.67",
+            "--samples-per-client", "24", "--image-size", "16", "--width", "0.125", "--local-epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "omnifm.cli", "train", *args]
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = cut / "omnifm" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 6
+    res = subprocess.run([sys.executable, "-m", "omnifm.cli", "train", "--resume", str(cut)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "omnifm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows(cut) == rows(tmp_path / "whole") and len(rows(cut)) == 6
