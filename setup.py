@@ -53,6 +53,7 @@ setup(
         "bench": ["triton>=3.6", "faiss-cpu"],
         "tasks": ["nibabel", "torchmetrics", "transformers>=5", "peft>=0.21"],
         "privacy": ["dp-accounting>=0.4"],
+        "flower": ["flwr>=1.20"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -15,5 +15,6 @@ pip_install "$TORCH_SPEC"
 pip_install -r requirements.txt
 pip_install --no-deps "medmnist>=3"
 pip_install --no-deps "peft>=0.21" accelerate
+pip_install "flwr>=1.20"  # the Flower extra (omnifm.fl.flower and its tests); it leaves torch alone
 pip_install --no-build-isolation -e .
 .venv/bin/python -c "import torch, omnifm, omnifm_ext; assert omnifm_ext.AVAILABLE, omnifm_ext.LOAD_ERROR; print('omnifm ready: torch', torch.__version__)"

@@ -273,20 +273,30 @@ class Simulation:
                 uploads[c.cid] = self.privacy.privatize_prototypes(uploads[c.cid], gen)
         self.bank.seed(uploads)
 
+    def client_updates(self, r, participants):
+        """{cid: the Update it sends, or the exception its training raised}: here each
+        participant trains in turn on the one model (a deployment sends them to nodes)."""
+        out = {}
+        for cid in participants:
+            try:
+                update = self.strategy.client_train(self.clients[cid], self.model, self.global_state,
+                                                    self.context(r, cid))
+                if self.privacy is not None:  # on the client, before anything leaves it
+                    update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
+                out[cid] = update
+            except Exception as exc:
+                out[cid] = exc
+        return out
+
     def run_round(self, r):
         t0 = time.perf_counter()
         participants = sample_participants(self.cfg.clients, self.cfg.participation, r, seed=self.cfg.seed)
         down = tensor_bytes(self.global_state) + (tensor_bytes(self.bank.entries) if self.bank else 0)
         updates, rejected, up = [], [], 0
-        for cid in participants:
-            client = self.clients[cid]
-            try:
-                update = self.strategy.client_train(client, self.model, self.global_state, self.context(r, cid))
-                if self.privacy is not None:  # on the client, before anything leaves it
-                    update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
-            except Exception as exc:  # a failing client must not stop the federation
+        for cid, update in self.client_updates(r, participants).items():
+            if isinstance(update, Exception):  # a failing client must not stop the federation
                 rejected.append(cid)
-                self.log(f"round {r}: client {cid} failed ({type(exc).__name__}: {exc}); skipped")
+                self.log(f"round {r}: client {cid} failed ({type(update).__name__}: {update}); skipped")
                 continue
             why = validate_update(update, self.global_state, self.dim, len(self.bank) if self.bank else None)
             if why is None and (update.client != cid or any(u.client == cid for u in updates)):

@@ -1,0 +1,253 @@
+"""omnifm on Flower (Message API): the same strategies, knowledge bank and clients as the
+in-process Simulation, with each hospital on its own SuperNode.
+
+Both sides build a `Simulation` from the run config (FLConfig fields), so every process
+starts from the same seeded model, strategy and federation; a node then acts only as
+client `partition-id`. The server is a Simulation whose clients' training and
+evaluation happen on their nodes: its rounds (participants, validation, outlier
+rejection, aggregation, bank lifecycle, metrics.jsonl) are Simulation's own.
+
+On the wire everything is a Flower record, never a pickle: tensors in ArrayRecords
+(weights, bank entries, uploads, strategy extras), settings in ConfigRecords, numbers in
+MetricRecords. A node keeps its client's private/local tensors and strategy extras
+between rounds in `context.state`, as ArrayRecords.
+
+Needs `pip install omnifm[flower]` (flwr >= 1.20); `omnifm.fl` itself does not import it.
+"""
+import dataclasses
+import os
+import time
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .client import Update, load_state
+from .simulation import FLConfig, Simulation
+from .strategies import prototypes
+
+APP_KEYS = {"out_dir": "", "timeout": 600.0}  # run-config keys of the app itself (not FLConfig fields)
+CLIENT_SIDE_STATE = {"scaffold": ("c",)}  # the server state a strategy's client_train reads (SCAFFOLD's c)
+UPLOADS = ("bank_upload", "retrieval_counts")
+
+
+# -- records ------------------------------------------------------------------
+def to_record(tensors):
+    """{name: tensor} -> ArrayRecord (numpy .npy bytes, dtype and shape kept exactly)."""
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in tensors.items()})
+
+
+def to_tensors(record):
+    """ArrayRecord -> {name: tensor}; torch.tensor copies (the decoded arrays are read-only)."""
+    return {k: torch.tensor(a.numpy()) for k, a in record.items()}
+
+
+def pack(prefix, nested):
+    """{name: {key: tensor}} -> {prefix + name: ArrayRecord} (strategy extras and state)."""
+    return {prefix + name: to_record(tensors) for name, tensors in nested.items()}
+
+
+def unpack(records, prefix):
+    return {k[len(prefix):]: to_tensors(r) for k, r in records.array_records.items() if k.startswith(prefix)}
+
+
+def update_to_records(update):
+    uploads = {k: getattr(update, k) for k in UPLOADS if getattr(update, k) is not None}
+    return RecordDict({"weights": to_record(update.weights), "uploads": to_record(uploads),
+                       "metrics": MetricRecord({"client": update.client, "n_samples": update.n_samples,
+                                                "loss": float(update.loss)}),
+                       **pack("extra.", update.extra)})
+
+
+def update_from_records(records):
+    metrics, uploads = records["metrics"], to_tensors(records["uploads"])
+    return Update(int(metrics["client"]), int(metrics["n_samples"]), to_tensors(records["weights"]),
+                  float(metrics["loss"]), unpack(records, "extra."), *(uploads.get(k) for k in UPLOADS))
+
+
+def config_from(run_config):
+    """(FLConfig, app settings) from a Flower run config; keys may use - or _, and
+    data-root "" stands for None (TOML has no null). An unknown key is an error (a typo
+    would otherwise silently run the defaults)."""
+    fields = {f.name for f in dataclasses.fields(FLConfig)}
+    given = {k.replace("-", "_"): v for k, v in run_config.items()}
+    if given.get("data_root") == "":
+        del given["data_root"]
+    unknown = set(given) - fields - set(APP_KEYS)
+    if unknown:
+        raise ValueError(f"run config: unknown keys {sorted(unknown)}")
+    app = {k: given.get(k, default) for k, default in APP_KEYS.items()}
+    return FLConfig(**{k: v for k, v in given.items() if k in fields}), app
+
+
+def _broadcast(sim, r):
+    """What a node needs to train or evaluate in round r: the shared state, the bank's
+    entries (never its owners or usage) and the server state its client_train reads."""
+    content = RecordDict({"global": to_record(sim.global_state), "config": ConfigRecord({"round": r})})
+    if sim.bank is not None:
+        content["bank"] = to_record({"entries": sim.bank.entries})
+    state = sim.strategy.state_dict()
+    content.update(pack("strategy.", {k: state[k] for k in CLIENT_SIDE_STATE.get(sim.cfg.strategy, ())}))
+    return content
+
+
+# -- server -------------------------------------------------------------------
+class FlowerServer(Simulation):
+    """A Simulation whose clients train and evaluate on their SuperNodes."""
+
+    def __init__(self, cfg, grid, out_dir=None, *, timeout=600.0, log=print):
+        super().__init__(cfg, out_dir or None, progress=False, log=log)
+        self.grid, self.timeout = grid, timeout
+        self.nodes, self.first_uploads = self.find_nodes()
+
+    def send(self, kind, cids, content, group=""):
+        """{cid: reply RecordDict, or the exception that stands for a lost or failed reply}."""
+        messages = [Message(content, self.nodes[c], kind, group_id=group) for c in cids]
+        client_of = {node: c for c, node in self.nodes.items()}
+        got = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            cid = client_of[reply.metadata.src_node_id]
+            got[cid] = RuntimeError(f"node error: {reply.error.reason}") if reply.has_error() else reply.content
+        return {c: got.get(c, TimeoutError(f"no reply within {self.timeout:g}s")) for c in cids}
+
+    def find_nodes(self):
+        """Wait for the nodes, ask each its partition (and, with a bank, its round-0
+        prototypes: one message instead of two); every partition exactly once."""
+        deadline = time.monotonic() + self.timeout
+        while len(ids := sorted(self.grid.get_node_ids())) < self.cfg.clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(ids)} SuperNodes connected in {self.timeout:g}s, expected {self.cfg.clients}")
+            time.sleep(1.0)
+        self.nodes = dict(enumerate(ids))  # provisional keys, until the nodes say which partition they hold
+        nodes, uploads = {}, {}
+        for key, reply in self.send(MessageType.QUERY, list(self.nodes), RecordDict()).items():
+            if isinstance(reply, Exception):
+                raise reply
+            pid = int(reply["config"]["partition-id"])
+            if pid in nodes:
+                raise ValueError(f"two SuperNodes hold partition {pid}")
+            nodes[pid] = self.nodes[key]
+            uploads[pid] = to_tensors(reply["uploads"]).get("bank_upload")
+        if set(nodes) != set(range(self.cfg.clients)):
+            raise ValueError(f"SuperNodes hold partitions {sorted(nodes)}, expected 0..{self.cfg.clients - 1}")
+        return nodes, uploads
+
+    def seed_bank(self):
+        self.bank.seed(self.first_uploads)
+
+    def client_updates(self, r, participants):
+        """The participants train on their nodes (and clip and noise there, under DP)."""
+        replies = self.send(MessageType.TRAIN, participants, _broadcast(self, r), str(r))
+        return {cid: reply if isinstance(reply, Exception) else update_from_records(reply)
+                for cid, reply in replies.items()}
+
+    def evaluate(self, clients=None):
+        """Simulation.evaluate's weighted means, over the values and weights the nodes report."""
+        cids = [c.cid for c in (self.clients if clients is None else clients)]
+        totals, weights = {}, {}
+        for cid, reply in self.send(MessageType.EVALUATE, cids, _broadcast(self, self.next_round)).items():
+            if isinstance(reply, Exception):
+                self.log(f"evaluation: client {cid} failed ({reply}); left out")
+                continue
+            metrics = reply["metrics"]
+            for name in [k for k in metrics if not k.endswith(".weight")]:
+                w = metrics[f"{name}.weight"]
+                totals.setdefault(name, 0.0)
+                weights.setdefault(name, 0)
+                if w > 0:
+                    totals[name] += metrics[name] * w
+                    weights[name] += w
+        return {name: totals[name] / weights[name] if weights[name] else float("nan") for name in totals}
+
+    def checkpoint(self):
+        """The server's part of Simulation's checkpoint (the clients' states live on their
+        nodes), atomically to server.pt; read it with read_checkpoint."""
+        state = self.state_dict()
+        del state["clients"]
+        path = os.path.join(self.out_dir, "server.pt")
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def make_server_app():
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.set_num_threads(1)  # tiny tensors; leaves the cores to the clients
+        cfg, settings = config_from(context.run_config)
+        FlowerServer(cfg, grid, settings["out_dir"], timeout=float(settings["timeout"])).run()
+
+    return app
+
+
+# -- client -------------------------------------------------------------------
+def _node(message, context):
+    """This node's Simulation and Client, with the state it kept from earlier rounds and
+    what the server broadcast. A ClientApp process lives for one message, so it is rebuilt
+    each time: cheap for the synthetic tasks, and identical on every call."""
+    cfg, _ = config_from(context.run_config)
+    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    if n != cfg.clients or not 0 <= pid < n:
+        raise ValueError(f"node config: partition {pid} of {n}, but the run has clients={cfg.clients}")
+    sim = Simulation(cfg, progress=False)
+    client = sim.clients[pid]
+    if "local" in context.state:
+        client.local_state = to_tensors(context.state["local"])
+    client.extra = unpack(context.state, "extra.")
+    content = message.content
+    if "global" in content:
+        sim.global_state = to_tensors(content["global"])
+    if "bank" in content:
+        sim.bank.entries = to_tensors(content["bank"])["entries"]
+    strategy_state = unpack(content, "strategy.")
+    if strategy_state:
+        sim.strategy.load_state_dict(strategy_state)
+    return sim, client
+
+
+def _keep(context, client):
+    for key in [k for k in context.state.array_records if k.startswith("extra.")]:
+        del context.state[key]
+    context.state["local"] = to_record(client.local_state)
+    context.state.update(pack("extra.", client.extra))
+
+
+def make_client_app():
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        """Which partition this node holds and, with a bank, its round-0 prototypes
+        (Simulation.seed_bank's upload, from the initial model)."""
+        sim, client = _node(message, context)
+        uploads = {}
+        if sim.bank is not None:
+            load_state(sim.model, sim.global_state, client.local_state)
+            uploads["bank_upload"] = prototypes(sim.model, client, sim.task.prototype_groups)
+            if sim.privacy is not None:  # noised before it leaves, as Simulation.seed_bank does
+                gen = torch.Generator().manual_seed(sim.context(-1, client.cid).seed + 7)
+                uploads["bank_upload"] = sim.privacy.privatize_prototypes(uploads["bank_upload"], gen)
+        config = ConfigRecord({"partition-id": client.cid})
+        return Message(RecordDict({"config": config, "uploads": to_record(uploads)}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        sim, client = _node(message, context)
+        ctx = sim.context(int(message.content["config"]["round"]), client.cid)
+        update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)
+        if sim.privacy is not None:  # before anything leaves the node (same seed as Simulation.run_round)
+            update = sim.privacy.privatize(update, sim.global_state, ctx.seed + 7)
+        _keep(context, client)
+        return Message(update_to_records(update), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        """This client's metrics (Simulation.evaluate of one client) and their weights."""
+        sim, client = _node(message, context)
+        values, weights = sim.evaluate([client]), sim.task.metric_weights(client.test)
+        metrics = {**values, **{f"{k}.weight": weights.get(k, len(client.test)) for k in values}}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+    return app

@@ -1,0 +1,185 @@
+"""omnifm on Flower: record conversions, and one round on a real SuperLink with three
+SuperNodes against the same round in process."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from omnifm.fl import FLConfig, Simulation  # noqa: E402
+from omnifm.fl.client import Update  # noqa: E402
+from omnifm.fl.flower import (config_from, to_record, to_tensors, update_from_records,  # noqa: E402
+                              update_to_records)
+from omnifm.fl.simulation import read_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+TINY = dict(clients=3, participation=1.0, rounds=1, samples_per_client=24, image_size=16, width=0.125,
+            local_epochs=1, batch_size=8)
+WAIT = 100.0  # seconds for a run (three rounds of ClientApp processes, each importing torch and monai)
+
+
+def assert_same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_state_dict_round_trip_is_exact():
+    state = {"w": torch.randn(3, 4), "n": torch.tensor(7), "idx": torch.arange(5, dtype=torch.int32),
+             "empty": torch.zeros(0, 8), "half": torch.randn(2).double()}
+    assert_same(to_tensors(to_record(state)), state)
+
+
+def test_update_round_trip_is_exact():
+    update = Update(2, 24, {"a.weight": torch.randn(2, 2), "a.num_batches_tracked": torch.tensor(3)}, 0.75,
+                    extra={"delta_c": {"a.weight": torch.randn(2, 2)}}, bank_upload=torch.randn(4, 8),
+                    retrieval_counts=torch.tensor([0, 5, 1], dtype=torch.int64))
+    back = update_from_records(update_to_records(update))
+    assert (back.client, back.n_samples, back.loss) == (2, 24, 0.75)
+    assert_same(back.weights, update.weights)
+    assert_same(back.extra["delta_c"], update.extra["delta_c"]) and set(back.extra) == {"delta_c"}
+    assert_same({"u": back.bank_upload, "c": back.retrieval_counts},
+                {"u": update.bank_upload, "c": update.retrieval_counts})
+
+
+def test_update_without_uploads_round_trips_to_none():
+    back = update_from_records(update_to_records(Update(0, 1, {"w": torch.ones(1)}, 1.0)))
+    assert back.bank_upload is None and back.retrieval_counts is None and back.extra == {}
+
+
+def test_run_config_maps_to_flconfig_and_refuses_unknown_keys():
+    cfg, app = config_from({"strategy": "scaffold", "samples-per-client": 24, "data-root": "", "out-dir": "/x"})
+    assert (cfg.strategy, cfg.samples_per_client, cfg.data_root) == ("scaffold", 24, None)
+    assert app == {"out_dir": "/x", "timeout": 600.0}
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_from({"strategy": "fedavg", "roudns": 3})
+
+
+# -- real processes ------------------------------------------------------------
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for_port(port, proc, tmp, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"the SuperLink is not listening on {port}\n{logs(tmp)}")
+
+
+def start(args, log, env):
+    """In its own session, so stop() ends it with the ServerApp/ClientApp processes it spawns."""
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink and three SuperNodes on 127.0.0.1 (free ports), one thread each, no
+    dependency installation; a Flower home whose connection `test` points at the SuperLink."""
+    tmp = tmp_path_factory.mktemp("flower")
+    link, *nodes = free_ports(4)
+    home = tmp / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_HOME": str(home),
+           "PATH": BIN + os.pathsep + os.environ["PATH"]}  # the SuperLink/SuperNodes start flower-superexec by name
+    procs = []
+    try:
+        procs.append(start([f"{BIN}/flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                            "--host", "127.0.0.1", "--port", str(link)], tmp / "superlink.log", env))
+        wait_for_port(link, procs[0], tmp)
+        for k, port in enumerate(nodes):
+            procs.append(start([f"{BIN}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                "--host", "127.0.0.1", "--port", str(port),
+                                "--node-config", f"partition-id={k} num-partitions=3"], tmp / f"supernode{k}.log", env))
+        # a copy: flwr may write next to the app, and the repo stays as it is
+        shutil.copytree(os.path.join(ROOT, "flower_app"), tmp / "app", ignore=shutil.ignore_patterns("__pycache__"))
+        yield tmp, env
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        kill_strays([link, *nodes])
+
+
+def kill_strays(ports):
+    """A ServerApp/ClientApp of an unfinished run outlives its SuperLink/SuperNode (Flower
+    starts them detached): end those of this test, found by its ports on their command line."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace")
+            if "flwr" in cmd and any(f"127.0.0.1:{port}" in cmd for port in ports):
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def logs(tmp):
+    return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(tmp.glob("*.log")))
+
+
+def submit(tmp, env, strategy):
+    """Start one run with flwr run (it returns once the SuperLink accepted it)."""
+    settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / strategy), "timeout": WAIT}
+    overrides = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else f"{k.replace('_', '-')}={v}"
+                         for k, v in settings.items())
+    done = subprocess.run([f"{BIN}/flwr", "run", str(tmp / "app"), "test", "--run-config", overrides], env=env,
+                          timeout=60, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"flwr run failed:\n{done.stdout}\n{done.stderr}\n{logs(tmp)}")
+
+
+def result(tmp, strategy):
+    """The server's server.pt of a run (written once its only round is done)."""
+    path, deadline = tmp / strategy / "server.pt", time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if path.exists():
+            return read_checkpoint(path)
+        time.sleep(1.0)
+    pytest.fail(f"no server.pt from the {strategy} run within {WAIT:g}s\n{logs(tmp)}")
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
+def test_one_round_on_flower_matches_the_simulation(federation, strategy):
+    tmp, env = federation
+    submit(tmp, env, strategy)  # one run at a time: side by side they starve each other on a busy machine
+    flower = result(tmp, strategy)
+    sim = Simulation(FLConfig(strategy=strategy, **TINY), progress=False)
+    history = sim.run()
+    assert flower["next_round"] == 1 and flower["history"][0]["aggregated"], logs(tmp)
+    assert set(flower["global"]) == set(sim.global_state)
+    for k, v in sim.global_state.items():
+        torch.testing.assert_close(flower["global"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for name in sim.task.metrics:  # federated evaluation: the same weighted means
+        assert flower["history"][0][name] == pytest.approx(history[0][name], rel=1e-5, nan_ok=True), name
+    if sim.bank is not None:
+        torch.testing.assert_close(flower["bank"]["entries"], sim.bank.entries, rtol=1e-5, atol=1e-6)
