@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 from omnifm.fl import STRATEGIES, FLConfig
 from omnifm.tasks import config_for, get_task, task_class
@@ -68,7 +69,9 @@ FIELDS = {f.name: f.type for f in dataclasses.fields(FLConfig)}
 def parse_value(key, text):
     if key not in FIELDS or key == "task":
         raise SystemExit(f"grid: unknown setting {key!r}; choose from {sorted(set(FIELDS) - {'task'})}")
-    kind = type(getattr(FLConfig(), key))
+    kind = FIELDS[key]
+    if isinstance(kind, types.UnionType):  # `int | None`: the value's type is the one that is not None
+        kind = next(t for t in kind.__args__ if t is not type(None))
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"grid: {key} takes true or false, got {text!r}")
