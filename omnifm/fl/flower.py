@@ -23,9 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .client import Update, load_state
+from .client import Update
 from .simulation import FLConfig, Simulation
-from .strategies import prototypes
 
 APP_KEYS = {"out_dir": "", "timeout": 600.0}  # run-config keys of the app itself (not FLConfig fields)
 CLIENT_SIDE_STATE = {"scaffold": ("c",)}  # the server state a strategy's client_train reads (SCAFFOLD's c)
@@ -222,13 +221,7 @@ def make_client_app():
         """Which partition this node holds and, with a bank, its round-0 prototypes
         (Simulation.seed_bank's upload, from the initial model)."""
         sim, client = _node(message, context)
-        uploads = {}
-        if sim.bank is not None:
-            load_state(sim.model, sim.global_state, client.local_state)
-            uploads["bank_upload"] = prototypes(sim.model, client, sim.task.prototype_groups)
-            if sim.privacy is not None:  # noised before it leaves, as Simulation.seed_bank does
-                gen = torch.Generator().manual_seed(sim.context(-1, client.cid).seed + 7)
-                uploads["bank_upload"] = sim.privacy.privatize_prototypes(uploads["bank_upload"], gen)
+        uploads = {"bank_upload": sim.seed_upload(client)} if sim.bank is not None else {}
         config = ConfigRecord({"partition-id": client.cid})
         return Message(RecordDict({"config": config, "uploads": to_record(uploads)}), reply_to=message)
 

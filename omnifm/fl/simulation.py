@@ -262,16 +262,19 @@ class Simulation:
 
     def seed_bank(self):
         """Round 0 seeding: every client uploads prototypes from the initial tokenizer."""
+        self.bank.seed({c.cid: self.seed_upload(c) for c in self.clients})
+
+    def seed_upload(self, client):
+        """What a client sends to seed the bank: the prototypes of the initial model
+        (noised on the client, like every later upload, under DP)."""
         from .strategies import prototypes
 
-        uploads = {}
-        for c in self.clients:
-            load_state(self.model, self.global_state, c.local_state)
-            uploads[c.cid] = prototypes(self.model, c, self.task.prototype_groups)
-            if self.privacy is not None:  # noised on the client like every later upload
-                gen = torch.Generator().manual_seed(self.context(-1, c.cid).seed + 7)
-                uploads[c.cid] = self.privacy.privatize_prototypes(uploads[c.cid], gen)
-        self.bank.seed(uploads)
+        load_state(self.model, self.global_state, client.local_state)
+        upload = prototypes(self.model, client, self.task.prototype_groups)
+        if self.privacy is not None:
+            gen = torch.Generator().manual_seed(self.context(-1, client.cid).seed + 7)
+            upload = self.privacy.privatize_prototypes(upload, gen)
+        return upload
 
     def client_updates(self, r, participants):
         """{cid: the Update it sends, or the exception its training raised}: here each
