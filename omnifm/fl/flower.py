@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .client import Update
-from .simulation import FLConfig, Simulation
+from .simulation import FLConfig, Simulation, weighted_means
 
 APP_KEYS = {"out_dir": "", "timeout": 600.0}  # run-config keys of the app itself (not FLConfig fields)
 CLIENT_SIDE_STATE = {"scaffold": ("c",)}  # the server state a strategy's client_train reads (SCAFFOLD's c)
@@ -144,20 +144,15 @@ class FlowerServer(Simulation):
     def evaluate(self, clients=None):
         """Simulation.evaluate's weighted means, over the values and weights the nodes report."""
         cids = [c.cid for c in (self.clients if clients is None else clients)]
-        totals, weights = {}, {}
+        per_client = []
         for cid, reply in self.send(MessageType.EVALUATE, cids, _broadcast(self, self.next_round)).items():
             if isinstance(reply, Exception):
                 self.log(f"evaluation: client {cid} failed ({reply}); left out")
                 continue
             metrics = reply["metrics"]
-            for name in [k for k in metrics if not k.endswith(".weight")]:
-                w = metrics[f"{name}.weight"]
-                totals.setdefault(name, 0.0)
-                weights.setdefault(name, 0)
-                if w > 0:
-                    totals[name] += metrics[name] * w
-                    weights[name] += w
-        return {name: totals[name] / weights[name] if weights[name] else float("nan") for name in totals}
+            names = [k for k in metrics if not k.endswith(".weight")]
+            per_client.append(({k: metrics[k] for k in names}, {k: metrics[f"{k}.weight"] for k in names}))
+        return weighted_means(per_client)
 
     def checkpoint(self):
         """The server's part of Simulation's checkpoint (the clients' states live on their

@@ -46,8 +46,9 @@ class GaussianUploads:
         """The update as it leaves the client: clipped, noised, without retrieval counts."""
         gen = torch.Generator().manual_seed(seed)
         names = [k for k, v in update.weights.items() if _floating(v)]
-        extras = [k for k, v in _flat_extra(update.extra).items() if _floating(v)]
-        change = [update.weights[k] - global_state[k] for k in names] + [_flat_extra(update.extra)[k] for k in extras]
+        flat_extra = _flat_extra(update.extra)
+        extras = [k for k, v in flat_extra.items() if _floating(v)]
+        change = [update.weights[k] - global_state[k] for k in names] + [flat_extra[k] for k in extras]
         norm = torch.sqrt(sum((c.double() ** 2).sum() for c in change)) if change else torch.zeros((), dtype=torch.float64)
         scale = min(1.0, self.clip / max(norm.item(), 1e-12))
         noisy = [c * scale + self.noise * self.clip * torch.randn(c.shape, generator=gen, dtype=c.dtype)

@@ -169,6 +169,21 @@ def norm_outliers(updates, global_state, ratio=NORM_OUTLIER_RATIO):
     return [u for u, n in zip(updates, norms.tolist()) if n > limit and n > 0]
 
 
+def weighted_means(per_client):
+    """[(values, weights)] of the clients -> {metric: mean weighted by its weights}; a
+    client with weight 0 for a metric stays out of it; NaN where no client has any."""
+    totals, weights = {}, {}
+    for values, client_weights in per_client:
+        for name, value in values.items():
+            w = client_weights[name]
+            totals.setdefault(name, 0.0)
+            weights.setdefault(name, 0)
+            if w > 0:
+                totals[name] += value * w
+                weights[name] += w
+    return {name: totals[name] / weights[name] if weights[name] else math.nan for name in totals}
+
+
 CHECKPOINT_KEYS = {"config", "next_round", "global", "strategy", "bank", "clients", "history"}
 
 
@@ -356,21 +371,15 @@ class Simulation:
         those given); every metric is the mean over clients weighted by the task's
         `metric_weights` (held-out samples, or the samples a metric is about); NaN where
         no client has any."""
-        totals, weights = {}, {}
+        per_client = []
         for c in self.clients if clients is None else clients:
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
             recalibrate_bn(self.model, c.train)
             values, client_weights = self.task.evaluate(self.model, c.test), self.task.metric_weights(c.test)
-            for name, value in values.items():
-                w = client_weights.get(name, len(c.test))
-                totals.setdefault(name, 0.0)
-                weights.setdefault(name, 0)
-                if w > 0:
-                    totals[name] += value * w
-                    weights[name] += w
-        return {name: totals[name] / weights[name] if weights[name] else math.nan for name in totals}
+            per_client.append((values, {name: client_weights.get(name, len(c.test)) for name in values}))
+        return weighted_means(per_client)
 
     def run(self, resume=False):
         if self.out_dir:
