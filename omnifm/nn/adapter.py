@@ -122,7 +122,10 @@ class OmniFMAdapter(nn.Module):
         if self.psp:  # spatial PSP: the suffix prompts, broadcast to every position
             fused = fused + self.suffix.mean(0)
         if self.mode == "spatial":
-            return fused.transpose(1, 2).reshape(B, d, h, w)
+            fused = fused.transpose(1, 2).reshape(B, d, h, w)  # a channels-last view
+            # Hand the next layer the memory format it had: a channels-last input would
+            # switch every later convolution (and its backward) to other, here slower, kernels.
+            return fused.contiguous() if output.is_contiguous() else fused
         return fused
 
     def alignment_loss(self):

@@ -33,8 +33,10 @@ def eca_attention_ref(r, protos, wq, wk, wv):
 
 
 def eca_core_ref(r, at, vp):
-    """The rank-k core in PyTorch: softmax(r . at^T) vp."""
-    return torch.softmax(r @ at.transpose(1, 2), dim=-1) @ vp
+    """The rank-k core in PyTorch: softmax(r . at^T) vp. The logits are formed as
+    (B, k, L) and normalised over dim 1: ATen's CPU softmax over a last dimension of
+    only k (2-8) entries is 5-15x slower than over the middle one (measured)."""
+    return torch.softmax(at @ r.transpose(1, 2), dim=1).transpose(1, 2) @ vp
 
 
 def _validate(r, protos, wq, wk, wv):
@@ -62,22 +64,33 @@ def _validate(r, protos, wq, wk, wv):
 # and grad where autograd makes two).
 CPU_EXT_SKIPPED = ("usable, but forward-only CPU calls run the reference backend's rank-k PyTorch core, which "
                    "the fused forward does not beat; calls that record gradients run ext (bench/bench_eca.py)")
+# With gradients, the fused core wins on CPU only for wide tokens (python
+# bench/bench_crossover.py --op eca_attention, 2026-11-29, forward+backward: ext is
+# 0.9-1.6x the PyTorch core at d = 256, 1.0-1.3x at d = 64, 0.6-1.0x at d = 16, where
+# its per-row softmax over k and the custom op's Python backward outweigh a row's work).
+CPU_EXT_MIN_WIDTH = 32
 
 
-def _ext_check(dev, dtype, needs_grad):
+def _ext_check(dev, dtype, needs_grad, width):
     why = _backend.ext_status(OP, dev) or (
         None if dtype in (torch.float32, torch.float64) else f"ext takes float32/float64, not {dtype}")
-    if why is None and dev == "cpu" and not needs_grad and _backend.forced_backend() != "ext":
+    if why is not None or dev != "cpu" or _backend.forced_backend() == "ext":
+        return why
+    if not needs_grad:
         return CPU_EXT_SKIPPED
-    return why
+    if width is not None and width < CPU_EXT_MIN_WIDTH:
+        return (f"usable, but tokens of width {width} < {CPU_EXT_MIN_WIDTH} run faster on the reference "
+                "backend's PyTorch core on CPU (bench/bench_crossover.py --op eca_attention)")
+    return None
 
 
-def backend_checks(dev, dtype, needs_grad=False):
-    """{backend: () -> None | why not} for a device type and dtype; needs_grad: whether
-    autograd records the call (on CPU it decides between ext and the reference)."""
+def backend_checks(dev, dtype, needs_grad=False, width=None):
+    """{backend: () -> None | why not} for a device type and dtype; needs_grad (whether
+    autograd records the call) and width (d of r; None: wide) decide between ext and
+    the reference on CPU."""
     return {
         "reference": lambda: None,
-        "ext": lambda: _ext_check(dev, dtype, needs_grad),
+        "ext": lambda: _ext_check(dev, dtype, needs_grad, width),
         "triton": lambda: _backend.triton_status(dev)
         or (None if dtype != torch.float64 else "the Triton kernel takes float16/bfloat16/float32"),
     }
@@ -87,7 +100,8 @@ def eca_attention(r, protos, wq, wk, wv):
     """ECA cross-attention; see module doc. Output dtype = r's dtype."""
     _validate(r, protos, wq, wk, wv)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, protos, wq, wk, wv))
-    backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad), r.device.type).backend
+    backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad, r.shape[-1]),
+                              r.device.type).backend
     at = (protos @ wk) @ wq.transpose(0, 1) / math.sqrt(wq.shape[1])  # (B, k, d)
     vp = protos @ wv  # (B, k, dh)
     if backend == "ext":

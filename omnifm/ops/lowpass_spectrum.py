@@ -11,18 +11,22 @@ import torch
 
 from . import _backend
 from ._checks import check_image, compute_dtype
-from ._dft import magnitude_grad
+from ._dft import magnitude_grad, window_freqs
 
 OP = "lowpass_spectrum"
 
 
 def lowpass_spectrum_ref(x, size, log=False):
-    """PyTorch reference (the contract): full FFT, shift, magnitude, crop."""
+    """PyTorch reference (the contract): full FFT, the centred window, magnitude.
+
+    The window is gathered from the unshifted spectrum (frequency f sits at index f mod
+    N): the same entries as fftshift-then-crop, without shifting and taking the
+    magnitude of the whole spectrum."""
     xc = x.to(compute_dtype(x.dtype))
     H, W = x.shape[-2:]
-    spec = torch.fft.fftshift(torch.fft.fft2(xc, norm="forward"), dim=(-2, -1)).abs()
-    top, left = H // 2 - size // 2, W // 2 - size // 2
-    out = spec[..., top:top + size, left:left + size]
+    spec = torch.fft.fft2(xc, norm="forward")
+    f = window_freqs(size).to(x.device)
+    out = spec.index_select(-2, f % H).index_select(-1, f % W).abs()
     return (torch.log1p(out) if log else out).to(x.dtype)
 
 

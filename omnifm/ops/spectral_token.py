@@ -9,7 +9,6 @@ GELU(F w1^T + b1) with w1 (h, m), GELU(. w2^T + b2) with w2 (d, h), mean over th
 bins, L2 normalisation (eps 1e-12, as F.normalize). GELU is the exact (erf) form.
 Output dtype: the promotion of x's and the parameters' dtypes.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +64,29 @@ def _validate(x, params, size):
     check_same_dtype(**named)
 
 
-def backend_checks(dev, cd):
-    """{backend: () -> None | why not} for a device type and compute dtype."""
+# CPU crossover (python bench/bench_crossover.py, 2-core VM, 2026-11-29): for an x of fewer
+# elements (B*C*H*W) than this, the reference backend's batched PyTorch beats ext, whose
+# per-sample tasks and recomputing backward carry a fixed cost (about 0.4 ms forward,
+# 1 ms backward). Forward-only calls cross early; calls that record gradients late.
+CPU_EXT_MIN_ELEMENTS = {False: 3 << 15, True: 3 << 19}  # {records gradients: elements of x}: 96 Ki, 1.5 Mi
+
+
+def _ext_check(dev, cd, numel, needs_grad):
+    why = _backend.ext_status(OP, dev) or (
+        None if cd in (torch.float32, torch.float64) else f"ext computes in float32/float64, not {cd}")
+    floor = CPU_EXT_MIN_ELEMENTS[needs_grad]
+    if why is None and dev == "cpu" and numel is not None and numel < floor and _backend.forced_backend() != "ext":
+        return (f"usable, but x has {numel} < {floor} elements{' and records gradients' if needs_grad else ''}: "
+                "the reference is faster there on CPU (bench/bench_crossover.py)")
+    return why
+
+
+def backend_checks(dev, cd, numel=None, needs_grad=False):
+    """{backend: () -> None | why not} for a device type and compute dtype; numel (x's
+    elements, None: large) and needs_grad pick between ext and the reference on CPU."""
     return {
         "reference": lambda: None,
-        "ext": lambda: _backend.ext_status(OP, dev)
-        or (None if cd in (torch.float32, torch.float64) else f"ext computes in float32/float64, not {cd}"),
+        "ext": lambda: _ext_check(dev, cd, numel, needs_grad),
         "triton": lambda: _backend.triton_status(dev)
         or (None if cd == torch.float32 else "the Triton kernel computes in float32, not float64"),
     }
@@ -81,7 +97,8 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     params = (mix_weight, freq_embed, w1, b1, w2, b2)
     _validate(x, params, size)
     out_dtype, cd = _dtypes(x, mix_weight)
-    backend = _backend.choose(backend_checks(x.device.type, cd), x.device.type).backend
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad), x.device.type).backend
     if backend == "reference":
         return spectral_token_ref(x, *params, size=size)
     params = [p.to(cd) for p in params]
@@ -113,39 +130,39 @@ def _setup_context(ctx, inputs, output):
     ctx.size = inputs[7]
 
 
-def _gelu_grad(h):
-    return 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-
-
 def _backward(ctx, grad):
     x, mix_weight, freq_embed, w1, b1, w2, b2 = ctx.saved_tensors
     cd = mix_weight.dtype
     size, kk = ctx.size, ctx.size * ctx.size
-    # Recompute the forward, keeping the pre-activations.
+    B, C = x.shape[:2]
+    # Recompute the forward, keeping the pre-activations; every product is a flat
+    # (B*K*K, .) matrix product and GELU's derivative is ATen's fused gelu_backward
+    # (element-wise erf/exp chains cost more than the matmuls at these widths).
     X = window_dft(x.to(cd), size)
     mag = X.abs()
-    bins = torch.log1p(mag).flatten(2).transpose(1, 2)  # (B, K*K, C)
-    f = bins @ mix_weight.transpose(0, 1) + freq_embed
-    h1 = F.linear(f, w1, b1)
+    bins = torch.log1p(mag).flatten(2).transpose(1, 2).reshape(B * kk, C)
+    f = torch.addmm(freq_embed.repeat(B, 1), bins, mix_weight.t())  # (B*K*K, m)
+    h1 = torch.addmm(b1, f, w1.t())
     a1 = F.gelu(h1)
-    h2 = F.linear(a1, w2, b2)
-    pooled = F.gelu(h2).mean(1)
+    h2 = torch.addmm(b2, a1, w2.t())
+    pooled = F.gelu(h2).view(B, kk, -1).mean(1)
     norm = pooled.norm(dim=-1, keepdim=True)
     token = pooled / norm.clamp_min(EPS)
     g = grad.to(cd)
     # d normalize: (I - t t^T) g / |p| when |p| > eps, g / eps where the clamp is active.
     g_pooled = torch.where(norm > EPS, (g - token * (token * g).sum(-1, keepdim=True)) / norm.clamp_min(EPS), g / EPS)
-    g_h2 = (g_pooled / kk).unsqueeze(1) * _gelu_grad(h2)  # (B, K*K, d)
-    g_h1 = (g_h2 @ w2) * _gelu_grad(h1)  # (B, K*K, h)
-    g_f = g_h1 @ w1  # (B, K*K, m)
+    g_a2 = (g_pooled / kk).unsqueeze(1).expand(B, kk, -1).reshape(B * kk, -1)
+    g_h2 = torch.ops.aten.gelu_backward(g_a2, h2)  # (B*K*K, d)
+    g_h1 = torch.ops.aten.gelu_backward(g_h2 @ w2, h1)  # (B*K*K, h)
+    g_f = g_h1 @ w1  # (B*K*K, m)
     grads = {
-        "w2": torch.einsum("bnd,bnh->dh", g_h2, a1), "b2": g_h2.sum((0, 1)),
-        "w1": torch.einsum("bnh,bnm->hm", g_h1, f), "b1": g_h1.sum((0, 1)),
-        "mix_weight": torch.einsum("bnm,bnc->mc", g_f, bins), "freq_embed": g_f.sum(0),
+        "w2": g_h2.t() @ a1, "b2": g_h2.sum(0),
+        "w1": g_h1.t() @ f, "b1": g_h1.sum(0),
+        "mix_weight": g_f.t() @ bins, "freq_embed": g_f.view(B, kk, -1).sum(0),
     }
     grad_x = None
     if ctx.needs_input_grad[0]:
-        g_s = (g_f @ mix_weight).transpose(1, 2).reshape(mag.shape)  # (B, C, K, K)
+        g_s = (g_f @ mix_weight).view(B, kk, C).transpose(1, 2).reshape(mag.shape)  # (B, C, K, K)
         grad_x = magnitude_grad(x.to(cd), size, g_s, log=True).to(x.dtype)
     return (grad_x, *(grads[n] for n in PARAM_NAMES), None)
 

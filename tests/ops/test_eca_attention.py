@@ -266,14 +266,16 @@ def test_reference_backend_matches_reference(case, dtype):
 
 def test_cpu_auto_dispatch():
     """On CPU, auto runs forward-only calls on the reference backend's rank-k core (and
-    backend_info says why), calls that record gradients on ext."""
+    backend_info says why); calls that record gradients on ext from the measured token
+    width CPU_EXT_MIN_WIDTH, below it on the reference."""
     from omnifm.ops import backend_info
 
     module = importlib.import_module("omnifm.ops.eca_attention")  # the package exports the function by that name
     choice = backend_info()["ops"]["eca_attention"]["cpu"]
     assert choice["backend"] == "reference"
-    inputs = [t.float().requires_grad_() for t in make_inputs(2, 9, 8, 6, 3)]
+    wide = module.CPU_EXT_MIN_WIDTH
     with mock.patch.object(module, "eca_core_ref", wraps=module.eca_core_ref) as core_ref:
+        inputs = [t.float().requires_grad_() for t in make_inputs(2, 9, wide, 6, 3)]
         with torch.no_grad():
             eca_attention(*inputs)
         assert core_ref.call_count == 1
@@ -281,6 +283,9 @@ def test_cpu_auto_dispatch():
             assert "rank-k" in choice["skipped"]["ext"]
             eca_attention(*inputs)
             assert core_ref.call_count == 1
+            narrow = [t.float().requires_grad_() for t in make_inputs(2, 9, wide - 1, 6, 3)]
+            eca_attention(*narrow)
+            assert core_ref.call_count == 2
 
 
 def test_ext_backward_independent_of_threads():

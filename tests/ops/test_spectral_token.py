@@ -246,3 +246,31 @@ def test_errors_name_the_argument(backend):
         for fn, exc, name in cases:
             with pytest.raises(exc, match=rf"^{name}:"):
                 fn()
+
+
+def test_cpu_auto_dispatch_by_size():
+    """On CPU, auto sends x below the measured CPU_EXT_MIN_ELEMENTS (one floor for
+    forward-only calls, a higher one for calls that record gradients) to the reference
+    backend, and x at the floor to ext."""
+    import importlib
+    from unittest import mock
+
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    module = importlib.import_module("omnifm.ops.spectral_token")
+    floors = module.CPU_EXT_MIN_ELEMENTS
+    assert floors[False] < floors[True]
+    params = [p.float() for p in make_inputs(1, 1, 8, 8, 4, 3, 5, 6)[1:]]
+    below = torch.rand(1, 1, 8, floors[False] // 8 - 1)  # one column short of the forward floor
+    at_forward_floor = torch.rand(1, 1, 8, floors[False] // 8)
+    with mock.patch.object(module, "spectral_token_ref", wraps=module.spectral_token_ref) as ref:
+        with torch.no_grad():
+            spectral_token(below, *params, size=4)
+            assert ref.call_count == 1
+            spectral_token(at_forward_floor, *params, size=4)
+            assert ref.call_count == 1  # ext
+        trained = [p.requires_grad_() for p in params]
+        spectral_token(at_forward_floor, *trained, size=4)  # records gradients: below that floor
+        assert ref.call_count == 2
+        spectral_token(torch.rand(1, 1, 8, floors[True] // 8), *trained, size=4)
+        assert ref.call_count == 2

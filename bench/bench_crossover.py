@@ -1,0 +1,131 @@
+"""Where the compiled CPU kernels start to beat the PyTorch reference backend.
+
+    python bench/bench_crossover.py                       # spectral_token: CPU_EXT_MIN_ELEMENTS
+    python bench/bench_crossover.py --op eca_attention    # eca_attention: CPU_EXT_MIN_WIDTH
+
+For x of shape (B, C, H, W) over a grid of sizes (K=8, m=16, h=64, d=256: the adapter's
+settings), times the op forced to ext and forced to the reference, forward-only (no
+gradient recorded: prototypes, evaluation) and forward+backward of the parameters (local
+training; x never needs a gradient there). Both answers and gradients are checked
+against each other before timing. Prints ms and reference/ext (> 1: ext is faster) and,
+per mode, the smallest x (elements) from which ext wins at every larger size measured,
+to compare with omnifm.ops.spectral_token.CPU_EXT_MIN_ELEMENTS.
+
+eca_attention: r (B, L, d) attends to k=2 prototypes (d = dh), forward+backward of r and
+the projections (the adapter's training step; forward-only calls always run the
+reference core on CPU), for d in 16, 64, 256; compare with CPU_EXT_MIN_WIDTH.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Failures, check_answer, forced_backend, time_ms  # noqa: E402
+
+from omnifm.nn import ECAFusion, SpectralTokenizer  # noqa: E402
+from omnifm.ops.eca_attention import CPU_EXT_MIN_WIDTH  # noqa: E402
+from omnifm.ops.spectral_token import CPU_EXT_MIN_ELEMENTS  # noqa: E402
+
+SHAPES = [(b, c, hw) for c in (1, 3) for hw in (28, 64, 128, 224) for b in (1, 8, 32, 128)
+          if b * c * hw * hw <= 32 * 3 * 224 * 224]
+
+
+def run(tok, x, train, probe):
+    if not train:
+        with torch.no_grad():
+            return tok(x), None
+    tok.zero_grad(set_to_none=True)
+    out = tok(x)
+    (out * probe).sum().backward()  # a random direction (|token| = 1 has no gradient)
+    return out.detach(), torch.cat([p.grad.flatten() for p in tok.parameters()])
+
+
+def eca_sweep(args, cpu, failures):
+    print(f"{'d':>4} {'B':>3} {'L':>5} | {'train ext':>9} {'ref':>8} {'ratio':>6}")
+    wins = {}
+    for d in (16, 64, 256):
+        for B, L in ((8, 16), (8, 256), (8, 1024), (32, 1024), (8, 4096), (32, 3136)):
+            g = torch.Generator().manual_seed(d * 7 + B * L)
+            eca = ECAFusion(d, d)
+            r = torch.randn(B, L, d, generator=g).requires_grad_()
+            protos, probe = torch.randn(B, 2, d, generator=g), torch.randn(B, L, d, generator=g)
+
+            def step():
+                eca.zero_grad(set_to_none=True)
+                r.grad = None
+                out = eca(r, protos)
+                out.backward(probe)
+                return out.detach(), torch.cat([r.grad.flatten()] + [p.grad.flatten() for p in eca.parameters()])
+
+            answers = {}
+            for name in ("reference", "ext"):
+                with forced_backend(name):
+                    answers[name] = step()
+            try:
+                check_answer("ext", answers["ext"][0], answers["reference"][0], 1e-5)
+                check_answer("ext gradients", answers["ext"][1], answers["reference"][1], 1e-4)
+            except Exception as exc:  # noqa: BLE001
+                failures.add(f"ext d={d} B={B} L={L}", exc)
+                continue
+            ms = {}
+            for name in ("ext", "reference"):
+                with forced_backend(name):
+                    ms[name] = time_ms(step, cpu, repeat=args.repeat)
+            ratio = ms["reference"] / ms["ext"]
+            wins.setdefault(d, []).append(ratio)
+            print(f"{d:>4} {B:>3} {L:>5} | {ms['ext']:9.2f} {ms['reference']:8.2f} {ratio:6.2f}", flush=True)
+    for d, ratios in wins.items():
+        print(f"d={d}: reference/ext {min(ratios):.2f}-{max(ratios):.2f} "
+              f"(dispatcher: ext from d >= {CPU_EXT_MIN_WIDTH})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=("spectral_token", "eca_attention"), default="spectral_token")
+    p.add_argument("--repeat", type=int, default=10)
+    args = p.parse_args(argv)
+    cpu, failures = torch.device("cpu"), Failures()
+    if args.op == "eca_attention":
+        eca_sweep(args, cpu, failures)
+        failures.exit_if_any()
+        return
+    wins = {False: [], True: []}  # (numel, ext faster) per mode
+    print(f"{'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} | {'fwd ext':>8} {'ref':>8} {'ratio':>6} | "
+          f"{'train ext':>9} {'ref':>8} {'ratio':>6}")
+    for B, C, hw in SHAPES:
+        g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw)
+        tok = SpectralTokenizer(C, 8, 16, 64, 256)
+        x = torch.randn(B, C, hw, hw, generator=g)
+        probe = torch.randn(B, 256, generator=g)
+        cells = []
+        for train in (False, True):
+            with forced_backend("reference"):
+                ref_out, ref_grad = run(tok, x, train, probe)
+            with forced_backend("ext"):
+                out, grad = run(tok, x, train, probe)
+            try:
+                check_answer("ext", out, ref_out, 1e-5)
+                if train:
+                    check_answer("ext gradients", grad, ref_grad, 1e-4)
+            except Exception as exc:  # noqa: BLE001
+                failures.add(f"ext B={B} C={C} {hw}", exc)
+                continue
+            ms = {}
+            for name in ("ext", "reference"):
+                with forced_backend(name):
+                    ms[name] = time_ms(lambda: run(tok, x, train, probe), cpu, repeat=args.repeat)
+            wins[train].append((x.numel(), ms["reference"] > ms["ext"]))
+            cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
+        print(f"{B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} | " + " | ".join(cells), flush=True)
+    for train, name in ((False, "forward-only"), (True, "training")):
+        losing = [n for n, ext_wins in wins[train] if not ext_wins]
+        cross = min((n for n, _ in wins[train] if all(m < n for m in losing)), default=None)
+        print(f"{name}: ext wins at every measured size from {cross} elements "
+              f"(dispatcher uses {CPU_EXT_MIN_ELEMENTS[train]})")
+    failures.exit_if_any()
+
+
+if __name__ == "__main__":
+    main()
