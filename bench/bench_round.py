@@ -5,11 +5,12 @@
 
 Runs the in-process simulation for each strategy (same task, data, seed and backbone),
 times rounds after a warm-up round, alternating the strategies round by round, and
-prints seconds per round and the ratio to FedAvg (target: OmniFM <= 1.2x). Any task, with its own default scenario and image
+prints the median seconds per round and the median of the per-round ratios to FedAvg (target: OmniFM <= 1.2x). Any task, with its own default scenario and image
 size. Appends to bench/results.csv.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -45,17 +46,21 @@ def main(argv=None):
         sim.run_round(0)  # warm-up
     # Rounds alternate between the strategies, so a change in the machine's speed
     # (other processes, frequency) hits all of them alike and the ratio stays fair.
-    seconds = {name: 0.0 for name in names}
+    # The ratio reported is the median over rounds of (this strategy's round / the
+    # first's round of the same r): a burst of load on a shared machine moves one pair.
+    seconds = {name: [] for name in names}
     for r in range(1, args.rounds + 1):
         for name in names:
             t0 = time.perf_counter()
             sims[name].run_round(r)
-            seconds[name] += time.perf_counter() - t0
-    rows, base = [], seconds[names[0]] / args.rounds
+            seconds[name].append(time.perf_counter() - t0)
+    rows, first = [], seconds[names[0]]
     for name in names:
-        s = seconds[name] / args.rounds
-        rows.append({"impl": name, "ms": s * 1e3, "speedup": base / s, "note": f"{s / base:.2f}x the first"})
-        print(f"{name:<10} {s:8.2f} s/round   {s / base:5.2f}x {names[0]}")
+        s = statistics.median(seconds[name])
+        ratio = statistics.median(t / b for t, b in zip(seconds[name], first))
+        rows.append({"impl": name, "ms": s * 1e3, "speedup": 1 / ratio, "note": f"{ratio:.2f}x the first"})
+        print(f"{name:<10} {s:8.2f} s/round (median of {args.rounds})   {ratio:5.2f}x {names[0]} "
+              f"(median of the per-round ratios; each: {' '.join(f'{t / b:.2f}' for t, b in zip(seconds[name], first))})")
     if args.csv:
         append_csv("round", torch.device("cpu"), f"task={args.task} clients={cfg.clients} "
                    f"participation={cfg.participation} "

@@ -115,7 +115,11 @@ class OmniFMAdapter(nn.Module):
             r = output.flatten(2).transpose(1, 2)  # (B, h*w, d)
         else:
             r = output
-        z = self.proj(self.fusion(r, protos.to(r.dtype)))
+        protos = protos.to(r.dtype)
+        if isinstance(self.fusion, ECAFusion):  # W_z folded into the values: (A V) W_z^T = A (V W_z^T)
+            z = self.fusion(r, protos, out_weight=self.proj.weight)
+        else:
+            z = self.proj(self.fusion(r, protos))
         if self.mode == "sequence" and self.psp:
             return torch.cat([z, r, self.suffix.expand(r.shape[0], -1, -1)], dim=1)
         fused = r + z
