@@ -112,25 +112,28 @@ class OmniFMAdapter(nn.Module):
         protos = self._state[1]
         if self.mode == "spatial":
             B, d, h, w = output.shape
-            r = output.flatten(2).transpose(1, 2)  # (B, h*w, d)
+            r = output.flatten(2).transpose(1, 2)  # (B, h*w, d), a view
         else:
             r = output
         protos = protos.to(r.dtype)
-        if isinstance(self.fusion, ECAFusion):  # W_z folded into the values: (A V) W_z^T = A (V W_z^T)
-            z = self.fusion(r, protos, out_weight=self.proj.weight)
+        # The spatial suffix term (mean of the prompts, at every position) rides on the
+        # values with W_z: A (V W_z^T + c) = Z W_z^T + c as each row of A sums to 1.
+        c = self.suffix.mean(0) if self.psp and self.mode == "spatial" else None
+        if isinstance(self.fusion, ECAFusion):  # W_z (and c) folded into the k values
+            z = self.fusion(r, protos, out_weight=self.proj.weight, out_bias=c)
         else:
             z = self.proj(self.fusion(r, protos))
-        if self.mode == "sequence" and self.psp:
-            return torch.cat([z, r, self.suffix.expand(r.shape[0], -1, -1)], dim=1)
-        fused = r + z
-        if self.psp:  # spatial PSP: the suffix prompts, broadcast to every position
-            fused = fused + self.suffix.mean(0)
+            z = z if c is None else z + c
         if self.mode == "spatial":
-            fused = fused.transpose(1, 2).reshape(B, d, h, w)  # a channels-last view
+            # r + z in the backbone's (B, d, h, w) layout: z^T is channel-first already
+            # when the ECA core returns a transposed view (no copy, one pass).
+            fused = output + z.transpose(1, 2).reshape(B, d, h, w)
             # Hand the next layer the memory format it had: a channels-last input would
             # switch every later convolution (and its backward) to other, here slower, kernels.
             return fused.contiguous() if output.is_contiguous() else fused
-        return fused
+        if self.psp:  # sequence PSP: [prefix Z | tokens | suffix prompts]
+            return torch.cat([z, r, self.suffix.expand(r.shape[0], -1, -1)], dim=1)
+        return r + z
 
     def alignment_loss(self):
         """SPAlign of the last forward: ||s - mean_k Sg||^2 averaged over the batch."""

@@ -30,12 +30,13 @@ class ECAFusion(nn.Module):
         for w in (self.wq, self.wk, self.wv):
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, r, protos, out_weight=None):
-        """Z (B, L, head_dim); with out_weight (out, head_dim), Z out_weight^T (B, L, out),
-        computed as attention over the k values already projected (protos Wv out_weight^T):
-        k rows go through the extra product instead of L."""
+    def forward(self, r, protos, out_weight=None, out_bias=None):
+        """Z (B, L, head_dim); with out_weight (out, head_dim) and/or out_bias (out,),
+        Z out_weight^T + out_bias (B, L, out), computed as attention over the k values
+        already mapped (protos Wv out_weight^T + out_bias: the attention weights of a
+        token sum to 1), so k rows go through the extra product and sum instead of L."""
         wv = self.wv if out_weight is None else self.wv @ out_weight.transpose(0, 1)
-        return eca_attention(r, protos, self.wq, self.wk, wv)
+        return eca_attention(r, protos, self.wq, self.wk, wv, value_bias=out_bias)
 
     def extra_repr(self):
         return f"dim={self.wq.shape[0]}, head_dim={self.wq.shape[1]}"

@@ -1,11 +1,12 @@
 """eca_attention: cross-attention of backbone tokens to k retrieved prototypes (ECA).
 
-    eca_attention(r, protos, wq, wk, wv) -> Z (B, L, dh)
-    Z = softmax((r Wq)(protos Wk)^T / sqrt(dh)) (protos Wv)
+    eca_attention(r, protos, wq, wk, wv, *, value_bias=None) -> Z (B, L, dh)
+    Z = softmax((r Wq)(protos Wk)^T / sqrt(dh)) (protos Wv + value_bias)
 
-r (B, L, d) tokens, protos (B, k, d), wq/wk/wv (d, dh). With k keys only, the logits
-are r . A with A = Wq (protos Wk)^T / sqrt(dh), a (d, k) matrix per sample: every
-backend computes at = A^T (B, k, d) and vp = protos Wv (B, k, dh) with small matmuls
+r (B, L, d) tokens, protos (B, k, d), wq/wk/wv (d, dh), value_bias (dh,) or None. As
+the attention weights of a token sum to 1, a value bias b adds b to every Z row. With k
+keys only, the logits are r . A with A = Wq (protos Wk)^T / sqrt(dh), a (d, k) matrix
+per sample: every backend computes at = A^T (B, k, d) and vp = protos Wv + b (B, k, dh) with small matmuls
 (autograd handles them), then the core softmax(r . at^T) vp reads r once and writes Z
 once; the (B, L, dh) query tensor is never formed. The core runs fused (ext, triton) or
 as two bmm and a softmax in PyTorch (the reference backend). Gradients flow to r,
@@ -25,18 +26,22 @@ from ._checks import check_same_device, check_same_dtype, check_tensor
 OP = "eca_core"
 
 
-def eca_attention_ref(r, protos, wq, wk, wv):
+def eca_attention_ref(r, protos, wq, wk, wv, *, value_bias=None):
     """PyTorch reference (the contract): the three projections and softmax attention."""
     q, key, v = r @ wq, protos @ wk, protos @ wv
+    if value_bias is not None:
+        v = v + value_bias
     attn = torch.softmax(q @ key.transpose(1, 2) / math.sqrt(wq.shape[1]), dim=-1)
     return attn @ v
 
 
 def eca_core_ref(r, at, vp):
-    """The rank-k core in PyTorch: softmax(r . at^T) vp. The logits are formed as
-    (B, k, L) and normalised over dim 1: ATen's CPU softmax over a last dimension of
-    only k (2-8) entries is 5-15x slower than over the middle one (measured)."""
-    return torch.softmax(at @ r.transpose(1, 2), dim=1).transpose(1, 2) @ vp
+    """The rank-k core in PyTorch: softmax(r . at^T) vp, computed transposed: the logits
+    as (B, k, L), normalised over dim 1 (ATen's CPU softmax over a last dimension of
+    only k entries is 5-15x slower, measured), and Z^T = vp^T softmax (B, dh, L),
+    returned as its (B, L, dh) transpose: a channel-first consumer (the adapter's
+    spatial mode) reads it without a copy."""
+    return (vp.transpose(1, 2) @ torch.softmax(at @ r.transpose(1, 2), dim=1)).transpose(1, 2)
 
 
 def _validate(r, protos, wq, wk, wv):
@@ -96,14 +101,21 @@ def backend_checks(dev, dtype, needs_grad=False, width=None):
     }
 
 
-def eca_attention(r, protos, wq, wk, wv):
-    """ECA cross-attention; see module doc. Output dtype = r's dtype."""
+def eca_attention(r, protos, wq, wk, wv, *, value_bias=None):
+    """ECA cross-attention; see module doc. Output dtype = r's dtype; the layout may be
+    a transposed view (call .contiguous() before .view())."""
     _validate(r, protos, wq, wk, wv)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, protos, wq, wk, wv))
+    if value_bias is not None:
+        check_tensor(value_bias, "value_bias", shape=(wv.shape[1],))
+        check_same_device(r=r, value_bias=value_bias)
+        check_same_dtype(r=r, value_bias=value_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (r, protos, wq, wk, wv, value_bias) if t is not None)
     backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad, r.shape[-1]),
                               r.device.type).backend
     at = (protos @ wk) @ wq.transpose(0, 1) / math.sqrt(wq.shape[1])  # (B, k, d)
-    vp = protos @ wv  # (B, k, dh)
+    vp = protos @ wv if value_bias is None else torch.addmm(value_bias, protos.flatten(0, 1), wv).view(
+        *protos.shape[:2], -1)  # (B, k, dh)
     if backend == "ext":
         return torch.ops.omnifm.eca_core(r, at, vp)
     if backend == "triton":

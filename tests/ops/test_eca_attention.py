@@ -22,10 +22,12 @@ def make_inputs(B, L, d, dh, k, seed=0, dtype=torch.float64, device="cpu", scale
     return [r(B, L, d), r(B, k, d), r(d, dh, sc=scale * d ** -0.5), r(d, dh, sc=scale * d ** -0.5), r(d, dh, sc=d ** -0.5)]
 
 
-def oracle(r, protos, wq, wk, wv):
+def oracle(r, protos, wq, wk, wv, value_bias=None):
     """Independent float64 oracle: explicit per-token loops over the k keys."""
     r, protos, wq, wk, wv = (t.detach().double().cpu() for t in (r, protos, wq, wk, wv))
     keys, vals = protos @ wk, protos @ wv  # (B, k, dh)
+    if value_bias is not None:
+        vals = vals + value_bias.detach().double().cpu()
     out = torch.empty(r.shape[0], r.shape[1], wq.shape[1], dtype=torch.float64)
     for b in range(r.shape[0]):
         q = r[b] @ wq  # (L, dh)
@@ -84,6 +86,35 @@ def test_fast_backward_matches_reference(backend, device, case):
         if b.grad.norm() > 1e-8 * g.norm():
             assert relerr(a.grad, b.grad) < bound, name
         else:  # zero up to roundoff, e.g. k=1 (softmax of one key is constant)
+            assert a.grad.double().norm() < 1e-5 * g.norm(), name
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), *BACKENDS])
+@given(case=eca_cases(max_l=40))
+@settings(max_examples=10)
+def test_value_bias_forward_and_backward(backend, device, case):
+    """value_bias b: Z = softmax(.) (protos Wv + b), against the loop oracle; its
+    gradient (the column sums of the output gradient, as the weights sum to 1) and the
+    others against the reference."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    base = make_inputs(**case, device=device)
+    bias = torch.randn(case["dh"], dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 2))
+    bias = bias.to(device)
+    fast = [t.to(dtype).clone().requires_grad_() for t in (*base, bias)]
+    ref = [t.clone().requires_grad_() for t in (*base, bias)]
+    with forced(backend):
+        out = eca_attention(*fast[:5], value_bias=fast[5])
+    want = oracle(*base, value_bias=bias)
+    assert relerr(out, want) < (1e-4 if dtype == torch.float32 else 1e-10)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 3)).to(device)
+    out.backward(g.to(dtype))
+    eca_attention_ref(*ref[:5], value_bias=ref[5]).backward(g)
+    torch.testing.assert_close(ref[5].grad, g.sum((0, 1)))
+    bound = 1e-9 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip((*NAMES, "value_bias"), fast, ref):
+        if b.grad.norm() > 1e-8 * g.norm():
+            assert relerr(a.grad, b.grad) < bound, name
+        else:
             assert a.grad.double().norm() < 1e-5 * g.norm(), name
 
 
@@ -164,6 +195,9 @@ def test_errors_name_the_argument(backend):
         (lambda: eca_attention(r, protos, wq, wk, wv.T), ValueError, "wv"),
         (lambda: eca_attention(r, protos, wq, wk, wv.double()), TypeError, "wv"),
         (lambda: eca_attention(r, protos, wq, wk.to("meta"), wv), ValueError, "wk"),
+        (lambda: eca_attention(r, protos, wq, wk, wv, value_bias=wv[0, :5]), ValueError, "value_bias"),
+        (lambda: eca_attention(r, protos, wq, wk, wv, value_bias=wv[0].double()), TypeError, "value_bias"),
+        (lambda: eca_attention(r, protos, wq, wk, wv, value_bias=[0.0] * 6), TypeError, "value_bias"),
         (lambda: spalign_loss(r[:, 0], protos[:1]), ValueError, "protos"),
         (lambda: spalign_loss(r[:0, 0], protos[:0]), ValueError, "s"),
         (lambda: spalign_loss(r, protos), ValueError, "s"),
