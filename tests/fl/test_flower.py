@@ -1,9 +1,11 @@
 """omnifm on Flower: record conversions, and one round on a real SuperLink with three
 SuperNodes against the same round in process."""
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -100,34 +102,71 @@ def stop(proc):
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def make_certificates(where):
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl):
+    (ca.crt, server.pem, server.key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    ca_key, ca, key, csr, cert = (where / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.pem"))
+    (where / "san.cnf").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    for args in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=omnifm test CA",
+                  "-keyout", ca_key, "-out", ca],
+                 ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr],
+                 ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+                  "-extfile", where / "san.cnf", "-out", cert]):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+@contextlib.contextmanager
+def launch(tmp, tls=False):
     """A SuperLink and three SuperNodes on 127.0.0.1 (free ports), one thread each, no
-    dependency installation; a Flower home whose connection `test` points at the SuperLink."""
-    tmp = tmp_path_factory.mktemp("flower")
+    dependency installation; a Flower home whose connection `test` points at the
+    SuperLink; with tls, every connection is TLS with certificates made here, else
+    --insecure. Yields (tmp, env, [superlink, *supernodes]); ends every process on exit."""
     link, *nodes = free_ports(4)
     home = tmp / "flwr_home"
     home.mkdir()
+    if tls:
+        ca, cert, key = make_certificates(tmp)
+        link_security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        node_security = ["--root-certificates", str(ca)]
+        cli_security = f'root-certificates = "{ca}"'
+    else:
+        link_security = node_security = ["--insecure"]
+        cli_security = "insecure = true"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+                                      f'address = "127.0.0.1:{link}"\n{cli_security}\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_HOME": str(home),
            "PATH": BIN + os.pathsep + os.environ["PATH"]}  # the SuperLink/SuperNodes start flower-superexec by name
     procs = []
     try:
-        procs.append(start([f"{BIN}/flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+        procs.append(start([f"{BIN}/flower-superlink", *link_security, "--disable-runtime-dependency-installation",
                             "--host", "127.0.0.1", "--port", str(link)], tmp / "superlink.log", env))
         wait_for_port(link, procs[0], tmp)
         for k, port in enumerate(nodes):
-            procs.append(start([f"{BIN}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+            procs.append(start([f"{BIN}/flower-supernode", *node_security, "--superlink", f"127.0.0.1:{link}",
                                 "--host", "127.0.0.1", "--port", str(port),
                                 "--node-config", f"partition-id={k} num-partitions=3"], tmp / f"supernode{k}.log", env))
         # a copy: flwr may write next to the app, and the repo stays as it is
         shutil.copytree(os.path.join(ROOT, "flower_app"), tmp / "app", ignore=shutil.ignore_patterns("__pycache__"))
-        yield tmp, env
+        yield tmp, env, procs
     finally:
         for p in reversed(procs):
             stop(p)
         kill_strays([link, *nodes])
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    with launch(tmp_path_factory.mktemp("flower")) as (tmp, env, _):
+        yield tmp, env
+
+
+@pytest.fixture(scope="module")
+def tls_federation(tmp_path_factory):
+    with launch(tmp_path_factory.mktemp("flower_tls"), tls=True) as (tmp, env, _):
+        yield tmp, env
 
 
 def kill_strays(ports):
@@ -147,9 +186,9 @@ def logs(tmp):
     return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(tmp.glob("*.log")))
 
 
-def submit(tmp, env, strategy):
+def submit(tmp, env, strategy, **over):
     """Start one run with flwr run (it returns once the SuperLink accepted it)."""
-    settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / strategy), "timeout": WAIT}
+    settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / strategy), "timeout": WAIT, **over}
     overrides = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else f"{k.replace('_', '-')}={v}"
                          for k, v in settings.items())
     done = subprocess.run([f"{BIN}/flwr", "run", str(tmp / "app"), "test", "--run-config", overrides], env=env,
@@ -158,19 +197,18 @@ def submit(tmp, env, strategy):
         pytest.fail(f"flwr run failed:\n{done.stdout}\n{done.stderr}\n{logs(tmp)}")
 
 
-def result(tmp, strategy):
-    """The server's server.pt of a run (written once its only round is done)."""
-    path, deadline = tmp / strategy / "server.pt", time.monotonic() + WAIT
+def result(tmp, strategy, rounds=1, wait=WAIT):
+    """The server's server.pt of a run once `rounds` rounds are done (written atomically
+    after each round)."""
+    path, deadline = tmp / strategy / "server.pt", time.monotonic() + wait
     while time.monotonic() < deadline:
-        if path.exists():
-            return read_checkpoint(path)
-        time.sleep(1.0)
-    pytest.fail(f"no server.pt from the {strategy} run within {WAIT:g}s\n{logs(tmp)}")
+        if path.exists() and (state := read_checkpoint(path))["next_round"] >= rounds:
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"no server.pt after round {rounds} of the {strategy} run within {wait:g}s\n{logs(tmp)}")
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
-def test_one_round_on_flower_matches_the_simulation(federation, strategy):
-    tmp, env = federation
+def check_against_simulation(tmp, env, strategy):
     submit(tmp, env, strategy)  # one run at a time: side by side they starve each other on a busy machine
     flower = result(tmp, strategy)
     sim = Simulation(FLConfig(strategy=strategy, **TINY), progress=False)
@@ -183,3 +221,46 @@ def test_one_round_on_flower_matches_the_simulation(federation, strategy):
         assert flower["history"][0][name] == pytest.approx(history[0][name], rel=1e-5, nan_ok=True), name
     if sim.bank is not None:
         torch.testing.assert_close(flower["bank"]["entries"], sim.bank.entries, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
+def test_one_round_on_flower_matches_the_simulation(federation, strategy):
+    check_against_simulation(*federation, strategy)
+
+
+def test_one_round_over_tls_matches_the_simulation(tls_federation):
+    """The same round with every connection on TLS (the SuperNodes and flwr run verify
+    the SuperLink against the test's CA); its port speaks TLS with that certificate
+    and a client that does not trust the CA cannot complete the handshake."""
+    tmp, env = tls_federation
+    check_against_simulation(tmp, env, "omnifm")
+    port = int(config_address(env).rsplit(":", 1)[1])
+    trusting = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with trusting.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def config_address(env):
+    text = open(os.path.join(env["FLWR_HOME"], "config.toml")).read()
+    return text.split('address = "', 1)[1].split('"', 1)[0]
+
+
+def test_a_supernode_lost_mid_run_is_skipped(tmp_path):
+    """Hospital 2's SuperNode dies (SIGKILL, with its ClientApp) as round 2 begins: the
+    server waits out its timeout, logs it, aggregates the other two and evaluates
+    without it; the run ends normally."""
+    timeout = 20.0
+    with launch(tmp_path) as (tmp, env, procs):
+        submit(tmp, env, "fedavg", rounds=2, timeout=timeout)
+        first = result(tmp, "fedavg", rounds=1)
+        os.killpg(procs[3].pid, signal.SIGKILL)
+        procs[3].wait(timeout=10)
+        final = result(tmp, "fedavg", rounds=2, wait=WAIT + 3 * timeout)
+    assert [h["aggregated"] for h in final["history"]] == [True, True], logs(tmp)
+    assert first["history"][0]["rejected"] == [] and final["history"][1]["rejected"] == [2], logs(tmp)
+    assert not all(torch.equal(final["global"][k], v) for k, v in first["global"].items())  # round 2 did update
+    assert final["history"][1]["accuracy"] == final["history"][1]["accuracy"]  # evaluated, not NaN
