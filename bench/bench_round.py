@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--strategies", default="fedavg,omnifm")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=None, help="default: the task's (10 for classification)")
+    p.add_argument("--width", type=float, default=None, help="backbone width multiplier (default: the task's)")
     p.add_argument("--participation", type=float, default=None,
                    help="default: 0.5 for classification, the task's own otherwise")
     add_output_args(p)
@@ -39,7 +40,7 @@ def main(argv=None):
     sims = {}
     for name in names:
         cfg = config_for(args.task, strategy=name, clients=args.clients, participation=args.participation,
-                         rounds=args.rounds + 1)
+                         width=args.width, rounds=args.rounds + 1)
         sims[name] = sim = Simulation(cfg, progress=False)
         if sim.bank is not None:
             sim.seed_bank()
@@ -63,7 +64,7 @@ def main(argv=None):
               f"(median of the per-round ratios; each: {' '.join(f'{t / b:.2f}' for t, b in zip(seconds[name], first))})")
     if args.csv:
         append_csv("round", torch.device("cpu"), f"task={args.task} clients={cfg.clients} "
-                   f"participation={cfg.participation} "
+                   f"participation={cfg.participation} width={cfg.width} "
                    f"(training + personalised evaluation of every client)", rows, path=csv_path(args))
 
 
