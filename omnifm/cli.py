@@ -114,6 +114,9 @@ def _train_parser():
                    help="evaluate a fresh sample of N clients each time (default 0: all)")
     p.add_argument("--min-clients", type=int, default=d.min_clients,
                    help="a round with fewer usable updates (the others failed or were rejected) is not aggregated")
+    p.add_argument("--client-timeout", type=float, default=d.client_timeout, metavar="SECONDS",
+                   help="a client still training after SECONDS in a round is cut off and skipped that round "
+                   "(default 0: no limit; with a limit, a run where a client is cut off is not reproducible)")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, metavar="C",
                    help="differential privacy of uploads: clip each client's update (and each prototype to 1) to "
                    "L2 norm C and add Gaussian noise; epsilon(delta) per round in metrics.jsonl (default off)")

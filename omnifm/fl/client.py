@@ -6,6 +6,7 @@ plus `local_state` (every tensor its strategy keeps private or local: private
 parameters and, FedBN-style, BatchNorm running statistics) plus `extra` (strategy
 state such as SCAFFOLD's control variate or Ditto's personal model).
 """
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -99,10 +100,16 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def sgd(model, client, *, params, epochs, batch_size, lr, seed, loss_of, before_step=None):
+class ClientTimeout(TimeoutError):
+    """Local training ran past the round's client_timeout (the client is skipped)."""
+
+
+def sgd(model, client, *, params, epochs, batch_size, lr, seed, loss_of, before_step=None, deadline=None):
     """Local SGD (momentum 0.9, weight decay 5e-4) on `params`; returns (mean loss, steps).
 
-    loss_of(x, y) -> scalar loss; before_step() may edit gradients (SCAFFOLD).
+    loss_of(x, y) -> scalar loss; before_step() may edit gradients (SCAFFOLD). deadline:
+    a time.monotonic() value; checked after every step, ClientTimeout past it (a slow
+    client is cut off between steps; the simulation reloads the model for the next one).
     """
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     model.train()
@@ -116,4 +123,6 @@ def sgd(model, client, *, params, epochs, batch_size, lr, seed, loss_of, before_
         opt.step()
         total += loss.item()
         steps += 1
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClientTimeout(f"client {client.cid}: local training passed its time limit after {steps} steps")
     return total / max(steps, 1), steps

@@ -55,6 +55,7 @@ class FLConfig:
     eval_every: int = 1  # evaluate every N rounds (and the last); other rows carry no metrics
     eval_clients: int = 0  # evaluate a sample of N clients per evaluation (0: all of them)
     min_clients: int = 1  # a round with fewer usable updates is not aggregated (logged, state kept)
+    client_timeout: float = 0.0  # > 0: seconds of local training a client may take in a round; past it, skipped
     dp_clip: float = 0.0  # > 0: clip each upload to this L2 norm and add noise (omnifm.fl.privacy)
     dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
     dp_delta: float = 1e-5  # the delta at which epsilon is reported
@@ -98,7 +99,7 @@ class FLConfig:
         for name in ("lr", "width", "bank_rho"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("lam", "bank_delta", "dp_clip", "dp_noise", "eval_clients"):
+        for name in ("lam", "bank_delta", "dp_clip", "dp_noise", "eval_clients", "client_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
@@ -122,6 +123,7 @@ class RoundContext:
     loss_fn: object
     bank: torch.Tensor | None
     prototype_groups: object = None  # targets -> group ids for bank uploads (None: the targets)
+    deadline: float | None = None  # time.monotonic() by which local training must end (None: no limit)
 
 
 def tensor_bytes(obj):
@@ -272,8 +274,10 @@ class Simulation:
     # -- rounds ---------------------------------------------------------------
     def context(self, round_idx, cid):
         bank = self.bank.entries if self.bank is not None else None
+        deadline = time.monotonic() + self.cfg.client_timeout if self.cfg.client_timeout > 0 else None
         return RoundContext(round_idx, self.cfg.seed * 100_003 + round_idx * 1009 + cid, self.cfg.local_epochs,
-                            self.cfg.batch_size, self.cfg.lr, self.task.loss, bank, self.task.prototype_groups)
+                            self.cfg.batch_size, self.cfg.lr, self.task.loss, bank, self.task.prototype_groups,
+                            deadline)
 
     def seed_bank(self):
         """Round 0 seeding: every client uploads prototypes from the initial tokenizer."""

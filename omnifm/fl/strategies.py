@@ -58,7 +58,7 @@ class Strategy:
         loss, steps = sgd(model, client, params=trainable(model), epochs=ctx.epochs,
                           batch_size=ctx.batch_size, lr=ctx.lr, seed=ctx.seed,
                           loss_of=self.objective(client, model, ctx, global_state),
-                          before_step=self.before_step(client, model, global_state))
+                          before_step=self.before_step(client, model, global_state), deadline=ctx.deadline)
         return self.finish(client, model, global_state, ctx, loss, steps)
 
     def before_step(self, client, model, global_state):
@@ -131,7 +131,7 @@ class FedRep(FedPer):
                 p.requires_grad_(False)
             try:
                 loss, steps = sgd(model, client, params=trained, epochs=epochs, batch_size=ctx.batch_size, lr=ctx.lr,
-                                  seed=ctx.seed + epochs, loss_of=loss_of)
+                                  seed=ctx.seed + epochs, loss_of=loss_of, deadline=ctx.deadline)
             finally:  # the model object is shared by every client: never leave it frozen
                 for p in frozen:
                     p.requires_grad_(True)
@@ -335,7 +335,7 @@ class Ditto(FedAvg):
             model.load_state_dict(personal)
         ref = {k: v for k, v in global_state.items() if v.is_floating_point()}
         sgd(model, client, params=trainable(model), epochs=ctx.epochs, batch_size=ctx.batch_size,
-            lr=ctx.lr, seed=ctx.seed + 1,
+            lr=ctx.lr, seed=ctx.seed + 1, deadline=ctx.deadline,
             loss_of=lambda x, y: ctx.loss_fn(model(x), y) + lam / 2 * _sq_dist(model, ref))
         client.extra["personal"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return update

@@ -6,6 +6,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -237,6 +238,52 @@ def test_too_few_replies_are_not_aggregated():
     assert row["aggregated"] and any(not torch.equal(before[k], v) for k, v in sim.global_state.items())
     with pytest.raises(ValueError, match="min_clients: 3 is more than the 2 clients a round draws"):
         FLConfig(min_clients=3, **{**TINY, "participation": 0.67})
+
+
+class SlowClient(FedAvg):
+    """Client 1 takes 1.1 s a step (a hospital on a slow or hung machine); client 2
+    raises instead when asked to (the reference for "skipped")."""
+
+    def __init__(self, *, fail_instead=False, **kw):
+        super().__init__(**kw)
+        self.fail_instead = fail_instead
+
+    def client_train(self, client, model, global_state, ctx):
+        if client.cid == 1 and self.fail_instead:
+            raise RuntimeError("gone")
+        return super().client_train(client, model, global_state, ctx)
+
+    def objective(self, client, model, ctx, global_state):
+        loss_of = super().objective(client, model, ctx, global_state)
+
+        def slow(x, y):
+            if client.cid == 1:
+                time.sleep(1.1)
+            return loss_of(x, y)
+        return slow
+
+
+def test_a_client_past_its_time_limit_is_cut_off_and_skipped():
+    """--client-timeout: the slow client is stopped between steps (after 2 of its
+    steps, not all), logged, and the round aggregates the others: the same global
+    state as a round in which that client failed outright."""
+    cfg = FLConfig(strategy="fedavg", rounds=1, client_timeout=2.0, **{**TINY, "participation": 1.0})
+    logs = []
+    slow = Simulation(cfg, progress=False, log=logs.append)
+    slow.strategy = SlowClient(share_bn_stats=False)
+    t0 = time.monotonic()
+    row = slow.run_round(0)
+    assert time.monotonic() - t0 < 3 * 1.1 + 2.0  # cut off, not run to its end (3 steps of 1.1 s)
+    assert row["rejected"] == [1] and row["aggregated"]
+    assert any("client 1 failed (ClientTimeout: client 1: local training passed its time limit after 2 steps)" in m
+               for m in logs), logs
+    failed = Simulation(dataclasses.replace(cfg, client_timeout=0.0), progress=False, log=lambda m: None)
+    failed.strategy = SlowClient(share_bn_stats=False, fail_instead=True)
+    failed.run_round(0)
+    for k, v in failed.global_state.items():
+        assert torch.equal(slow.global_state[k], v), k
+    with pytest.raises(ValueError, match="client_timeout: expected a number >= 0"):
+        FLConfig(client_timeout=-1.0)
 
 
 def test_bad_bank_payloads_are_rejected():
