@@ -22,7 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failures, check_answer, forced_backend, time_ms  # noqa: E402
+from harness import (Failures, add_output_args, append_csv, check_answer, csv_path, forced_backend,  # noqa: E402
+                     time_ms)
 
 from omnifm.nn import ECAFusion, SpectralTokenizer  # noqa: E402
 from omnifm.ops.eca_attention import CPU_EXT_MIN_WIDTH  # noqa: E402
@@ -32,21 +33,77 @@ SHAPES = [(b, c, hw) for c in (1, 3) for hw in (28, 64, 128, 224) for b in (1, 8
           if b * c * hw * hw <= 32 * 3 * 224 * 224]
 
 
-def run(tok, x, train, probe):
-    if not train:
-        with torch.no_grad():
-            return tok(x), None
-    tok.zero_grad(set_to_none=True)
-    out = tok(x)
-    (out * probe).sum().backward()  # a random direction (|token| = 1 has no gradient)
-    return out.detach(), torch.cat([p.grad.flatten() for p in tok.parameters()])
+CPU = torch.device("cpu")
 
 
-def eca_sweep(args, cpu, failures):
+def ext_against_reference(label, call, failures, args):
+    """call() -> (output, gradients or None), run forced to ext and to the reference:
+    answers (and gradients) checked against each other, then both timed (a CSV row each
+    unless --no-csv). Returns {backend: ms}, or None after recording a wrong answer."""
+    answers = {}
+    for name in ("reference", "ext"):
+        with forced_backend(name):
+            answers[name] = call()
+    try:
+        check_answer("ext", answers["ext"][0], answers["reference"][0], 1e-5)
+        if answers["reference"][1] is not None:
+            check_answer("ext gradients", answers["ext"][1], answers["reference"][1], 1e-4)
+    except Exception as exc:  # noqa: BLE001
+        failures.add(label, exc)
+        return None
+    ms = {}
+    for name in ("ext", "reference"):
+        with forced_backend(name):
+            ms[name] = time_ms(call, CPU, warmup=args.warmup, repeat=args.repeat)
+    if args.csv:
+        append_csv(f"crossover {args.op}", CPU, label.removeprefix("ext "),
+                   [{"impl": name, "ms": ms[name], "speedup": ms["reference"] / ms[name]} for name in ms],
+                   path=csv_path(args))
+    return ms
+
+
+def token_call(tok, x, train, probe):
+    def call():
+        if not train:
+            with torch.no_grad():
+                return tok(x), None
+        tok.zero_grad(set_to_none=True)
+        out = tok(x)
+        (out * probe).sum().backward()  # a random direction (|token| = 1 has no gradient)
+        return out.detach(), torch.cat([p.grad.flatten() for p in tok.parameters()])
+    return call
+
+
+def token_sweep(args, failures):
+    wins = {False: [], True: []}  # (numel, ext faster) per mode
+    print(f"{'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} | {'fwd ext':>8} {'ref':>8} {'ratio':>6} | "
+          f"{'train ext':>9} {'ref':>8} {'ratio':>6}")
+    for B, C, hw in SHAPES[:2] if args.quick else SHAPES:
+        g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw)
+        tok = SpectralTokenizer(C, 8, 16, 64, 256)
+        x = torch.randn(B, C, hw, hw, generator=g)
+        probe = torch.randn(B, 256, generator=g)
+        cells = []
+        for train in (False, True):
+            ms = ext_against_reference(f"ext B={B} C={C} {hw}x{hw} {'training' if train else 'forward'}",
+                                       token_call(tok, x, train, probe), failures, args)
+            if ms is None:
+                continue
+            wins[train].append((x.numel(), ms["reference"] > ms["ext"]))
+            cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
+        print(f"{B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} | " + " | ".join(cells), flush=True)
+    for train, name in ((False, "forward-only"), (True, "training")):
+        losing = [n for n, ext_wins in wins[train] if not ext_wins]
+        cross = min((n for n, _ in wins[train] if all(m < n for m in losing)), default=None)
+        print(f"{name}: ext wins at every measured size from {cross} elements "
+              f"(dispatcher uses {CPU_EXT_MIN_ELEMENTS[train]})")
+
+
+def eca_sweep(args, failures):
     print(f"{'d':>4} {'B':>3} {'L':>5} | {'train ext':>9} {'ref':>8} {'ratio':>6}")
     wins = {}
-    for d in (16, 64, 256):
-        for B, L in ((8, 16), (8, 256), (8, 1024), (32, 1024), (8, 4096), (32, 3136)):
+    for d in (16,) if args.quick else (16, 64, 256):
+        for B, L in ((8, 16),) if args.quick else ((8, 16), (8, 256), (8, 1024), (32, 1024), (8, 4096), (32, 3136)):
             g = torch.Generator().manual_seed(d * 7 + B * L)
             eca = ECAFusion(d, d)
             r = torch.randn(B, L, d, generator=g).requires_grad_()
@@ -59,20 +116,9 @@ def eca_sweep(args, cpu, failures):
                 out.backward(probe)
                 return out.detach(), torch.cat([r.grad.flatten()] + [p.grad.flatten() for p in eca.parameters()])
 
-            answers = {}
-            for name in ("reference", "ext"):
-                with forced_backend(name):
-                    answers[name] = step()
-            try:
-                check_answer("ext", answers["ext"][0], answers["reference"][0], 1e-5)
-                check_answer("ext gradients", answers["ext"][1], answers["reference"][1], 1e-4)
-            except Exception as exc:  # noqa: BLE001
-                failures.add(f"ext d={d} B={B} L={L}", exc)
+            ms = ext_against_reference(f"ext d={d} B={B} L={L}", step, failures, args)
+            if ms is None:
                 continue
-            ms = {}
-            for name in ("ext", "reference"):
-                with forced_backend(name):
-                    ms[name] = time_ms(step, cpu, repeat=args.repeat)
             ratio = ms["reference"] / ms["ext"]
             wins.setdefault(d, []).append(ratio)
             print(f"{d:>4} {B:>3} {L:>5} | {ms['ext']:9.2f} {ms['reference']:8.2f} {ratio:6.2f}", flush=True)
@@ -84,46 +130,13 @@ def eca_sweep(args, cpu, failures):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", choices=("spectral_token", "eca_attention"), default="spectral_token")
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="two sizes only (a smoke test)")
+    add_output_args(p)
     args = p.parse_args(argv)
-    cpu, failures = torch.device("cpu"), Failures()
-    if args.op == "eca_attention":
-        eca_sweep(args, cpu, failures)
-        failures.exit_if_any()
-        return
-    wins = {False: [], True: []}  # (numel, ext faster) per mode
-    print(f"{'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} | {'fwd ext':>8} {'ref':>8} {'ratio':>6} | "
-          f"{'train ext':>9} {'ref':>8} {'ratio':>6}")
-    for B, C, hw in SHAPES:
-        g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw)
-        tok = SpectralTokenizer(C, 8, 16, 64, 256)
-        x = torch.randn(B, C, hw, hw, generator=g)
-        probe = torch.randn(B, 256, generator=g)
-        cells = []
-        for train in (False, True):
-            with forced_backend("reference"):
-                ref_out, ref_grad = run(tok, x, train, probe)
-            with forced_backend("ext"):
-                out, grad = run(tok, x, train, probe)
-            try:
-                check_answer("ext", out, ref_out, 1e-5)
-                if train:
-                    check_answer("ext gradients", grad, ref_grad, 1e-4)
-            except Exception as exc:  # noqa: BLE001
-                failures.add(f"ext B={B} C={C} {hw}", exc)
-                continue
-            ms = {}
-            for name in ("ext", "reference"):
-                with forced_backend(name):
-                    ms[name] = time_ms(lambda: run(tok, x, train, probe), cpu, repeat=args.repeat)
-            wins[train].append((x.numel(), ms["reference"] > ms["ext"]))
-            cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
-        print(f"{B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} | " + " | ".join(cells), flush=True)
-    for train, name in ((False, "forward-only"), (True, "training")):
-        losing = [n for n, ext_wins in wins[train] if not ext_wins]
-        cross = min((n for n, _ in wins[train] if all(m < n for m in losing)), default=None)
-        print(f"{name}: ext wins at every measured size from {cross} elements "
-              f"(dispatcher uses {CPU_EXT_MIN_ELEMENTS[train]})")
+    failures = Failures()
+    (eca_sweep if args.op == "eca_attention" else token_sweep)(args, failures)
     failures.exit_if_any()
 
 

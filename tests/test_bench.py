@@ -13,6 +13,7 @@ CASES = {
     "topk": ["--bank", "3000", "--dim", "16", "--queries", "8", "--k", "3"],
     "eca": ["--batch", "2", "--tokens", "20", "--dim", "8", "--head-dim", "8", "--no-compile"],
     "round": ["--clients", "2", "--participation", "1.0", "--rounds", "1"],
+    "crossover": ["--quick"],
     "bank": ["--entries", "3000", "--owners", "30", "--evict", "200", "--dim", "16"],
     "scale": ["--configs", "12:0.25", "--rounds", "1", "--eval-clients", "3", "--threads", "1"],
 }
