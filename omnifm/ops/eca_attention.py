@@ -14,7 +14,8 @@ protos and every weight.
 
 On CPU, auto dispatch runs forward-only calls (no gradient recorded) on the reference
 backend, not ext: the fused forward does not beat the PyTorch core there, while its
-backward does (see CPU_EXT_SKIPPED). OMNIFM_BACKEND=ext forces it for every call.
+backward does for tokens of width >= CPU_EXT_MIN_WIDTH (see CPU_EXT_SKIPPED).
+OMNIFM_BACKEND=ext forces it for every call.
 """
 import math
 
