@@ -186,9 +186,10 @@ def logs(tmp):
     return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(tmp.glob("*.log")))
 
 
-def submit(tmp, env, strategy, **over):
-    """Start one run with flwr run (it returns once the SuperLink accepted it)."""
-    settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / strategy), "timeout": WAIT, **over}
+def submit(tmp, env, strategy, name=None, **over):
+    """Start one run with flwr run (it returns once the SuperLink accepted it); its
+    out_dir is tmp / (name or strategy)."""
+    settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / (name or strategy)), "timeout": WAIT, **over}
     overrides = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else f"{k.replace('_', '-')}={v}"
                          for k, v in settings.items())
     done = subprocess.run([f"{BIN}/flwr", "run", str(tmp / "app"), "test", "--run-config", overrides], env=env,
@@ -226,6 +227,20 @@ def check_against_simulation(tmp, env, strategy):
 @pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
 def test_one_round_on_flower_matches_the_simulation(federation, strategy):
     check_against_simulation(*federation, strategy)
+
+
+def test_a_round_where_every_client_fails_is_not_aggregated_on_flower(federation):
+    """Every ClientApp raises (its own client_timeout of 1 ms cuts training off after the
+    first step): the replies are errors, the round has no usable update, and the server
+    keeps its state (no aggregation from nothing)."""
+    tmp, env = federation
+    submit(tmp, env, "fedavg", name="all_fail", client_timeout=0.001)
+    flower = result(tmp, "all_fail")
+    row = flower["history"][0]
+    assert not row["aggregated"] and row["rejected"] == [0, 1, 2], logs(tmp)
+    initial = Simulation(FLConfig(strategy="fedavg", **TINY), progress=False).global_state
+    for k, v in initial.items():
+        assert torch.equal(flower["global"][k], v), k
 
 
 def test_one_round_over_tls_matches_the_simulation(tls_federation):
