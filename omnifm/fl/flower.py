@@ -10,11 +10,16 @@ rejection, aggregation, bank lifecycle, metrics.jsonl) are Simulation's own.
 On the wire everything is a Flower record, never a pickle: tensors in ArrayRecords
 (weights, bank entries, uploads, strategy extras), settings in ConfigRecords, numbers in
 MetricRecords. A node keeps its client's private/local tensors and strategy extras
-between rounds in `context.state`, as ArrayRecords.
+between rounds in `context.state`, as ArrayRecords, and, given a `state-dir` in its
+node config, also on its own disk after every round it trains (so a new run that
+resumes the server's checkpoint, or a restarted SuperNode, finds them again).
 
 Needs `pip install omnifm[flower]` (flwr >= 1.20); `omnifm.fl` itself does not import it.
 """
 import dataclasses
+import glob
+import hashlib
+import json
 import os
 import time
 
@@ -24,9 +29,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .client import Update
-from .simulation import FLConfig, Simulation, weighted_means
+from .simulation import CHECKPOINT_KEYS, FLConfig, Simulation, read_checkpoint, weighted_means
 
-APP_KEYS = {"out_dir": "", "timeout": 600.0}  # run-config keys of the app itself (not FLConfig fields)
+# run-config keys of the app itself (not FLConfig fields); resume: continue from out_dir/server.pt
+APP_KEYS = {"out_dir": "", "timeout": 600.0, "resume": False}
 CLIENT_SIDE_STATE = {"scaffold": ("c",)}  # the server state a strategy's client_train reads (SCAFFOLD's c)
 UPLOADS = ("bank_upload", "retrieval_counts")
 
@@ -135,6 +141,16 @@ class FlowerServer(Simulation):
     def seed_bank(self):
         self.bank.seed(self.first_uploads)
 
+    def resume(self):
+        """Continue from out_dir/server.pt (the clients' own state is on their nodes)."""
+        path = os.path.join(self.out_dir, "server.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        state = read_checkpoint(path)
+        if isinstance(state, dict) and set(state) == CHECKPOINT_KEYS - {"clients"}:
+            state["clients"] = [{"local": c.local_state, "extra": c.extra} for c in self.clients]
+        self.load_state_dict(state, source=path)
+
     def client_updates(self, r, participants):
         """The participants train on their nodes (and clip and noise there, under DP)."""
         replies = self.send(MessageType.TRAIN, participants, _broadcast(self, r), str(r))
@@ -171,7 +187,8 @@ def make_server_app():
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(1)  # tiny tensors; leaves the cores to the clients
         cfg, settings = config_from(context.run_config)
-        FlowerServer(cfg, grid, settings["out_dir"], timeout=float(settings["timeout"])).run()
+        FlowerServer(cfg, grid, settings["out_dir"], timeout=float(settings["timeout"])).run(
+            resume=bool(settings["resume"]))
 
     return app
 
@@ -187,10 +204,15 @@ def _node(message, context):
         raise ValueError(f"node config: partition {pid} of {n}, but the run has clients={cfg.clients}")
     sim = Simulation(cfg, progress=False)
     client = sim.clients[pid]
+    content = message.content
+    if "local" not in context.state and "config" in content:  # a new run or a restarted node
+        saved = _saved_state(context, int(content["config"]["round"]), message.metadata.message_type)
+        if saved is not None:
+            context.state["local"] = to_record(saved["local"])
+            context.state.update(pack("extra.", saved["extra"]))
     if "local" in context.state:
         client.local_state = to_tensors(context.state["local"])
     client.extra = unpack(context.state, "extra.")
-    content = message.content
     if "global" in content:
         sim.global_state = to_tensors(content["global"])
     if "bank" in content:
@@ -201,11 +223,48 @@ def _node(message, context):
     return sim, client
 
 
-def _keep(context, client):
+def _keep(context, client, round_idx):
     for key in [k for k in context.state.array_records if k.startswith("extra.")]:
         del context.state[key]
     context.state["local"] = to_record(client.local_state)
     context.state.update(pack("extra.", client.extra))
+    prefix = _state_prefix(context)
+    if prefix is not None:  # atomically, then drop all but the last two rounds' files
+        path = f"{prefix}-r{round_idx:06d}.pt"
+        torch.save({"round": round_idx, "local": client.local_state, "extra": client.extra}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        for old in sorted(glob.glob(f"{prefix}-r*.pt"))[:-2]:
+            os.remove(old)
+
+
+def _state_prefix(context):
+    """<state-dir>/<experiment>-p<partition>, the experiment being a digest of the run
+    config (every setting but the number of rounds, the output directory included); None
+    without a state-dir in the node config."""
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        return None
+    os.makedirs(state_dir, exist_ok=True)
+    settings = {k: v for k, v in sorted(context.run_config.items()) if k.replace("-", "_") not in ("rounds", "resume")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(state_dir, f"omnifm-{digest}-p{int(context.node_config['partition-id'])}")
+
+
+def _saved_state(context, round_idx, kind):
+    """The client state this node saved last before round round_idx (for a training
+    message; up to and including it for an evaluation, which follows the round's
+    training), read as tensors only; None if there is none."""
+    prefix = _state_prefix(context)
+    if prefix is None:
+        return None
+    usable = [p for p in glob.glob(f"{prefix}-r*.pt")
+              if (int(p[-9:-3]) <= round_idx if str(kind).startswith(MessageType.EVALUATE) else int(p[-9:-3]) < round_idx)]
+    if not usable:
+        return None
+    state = read_checkpoint(max(usable))
+    if not isinstance(state, dict) or set(state) != {"round", "local", "extra"}:
+        raise ValueError(f"state-dir: {max(usable)} is not a client state this app wrote")
+    return state
 
 
 def make_client_app():
@@ -227,7 +286,7 @@ def make_client_app():
         update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)
         if sim.privacy is not None:  # before anything leaves the node (same seed as Simulation.run_round)
             update = sim.privacy.privatize(update, sim.global_state, ctx.seed + 7)
-        _keep(context, client)
+        _keep(context, client, ctx.round)
         return Message(update_to_records(update), reply_to=message)
 
     @app.evaluate()

@@ -61,7 +61,7 @@ def test_update_without_uploads_round_trips_to_none():
 def test_run_config_maps_to_flconfig_and_refuses_unknown_keys():
     cfg, app = config_from({"strategy": "scaffold", "samples-per-client": 24, "data-root": "", "out-dir": "/x"})
     assert (cfg.strategy, cfg.samples_per_client, cfg.data_root) == ("scaffold", 24, None)
-    assert app == {"out_dir": "/x", "timeout": 600.0}
+    assert app == {"out_dir": "/x", "timeout": 600.0, "resume": False}
     with pytest.raises(ValueError, match="unknown keys"):
         config_from({"strategy": "fedavg", "roudns": 3})
 
@@ -119,11 +119,12 @@ def make_certificates(where):
 
 
 @contextlib.contextmanager
-def launch(tmp, tls=False):
+def launch(tmp, tls=False, state_dirs=False):
     """A SuperLink and three SuperNodes on 127.0.0.1 (free ports), one thread each, no
     dependency installation; a Flower home whose connection `test` points at the
     SuperLink; with tls, every connection is TLS with certificates made here, else
-    --insecure. Yields (tmp, env, [superlink, *supernodes]); ends every process on exit."""
+    --insecure; with state_dirs, node K keeps its client state in tmp/nodeK. Yields
+    (tmp, env, [superlink, *supernodes]); ends every process on exit."""
     link, *nodes = free_ports(4)
     home = tmp / "flwr_home"
     home.mkdir()
@@ -147,7 +148,9 @@ def launch(tmp, tls=False):
         for k, port in enumerate(nodes):
             procs.append(start([f"{BIN}/flower-supernode", *node_security, "--superlink", f"127.0.0.1:{link}",
                                 "--host", "127.0.0.1", "--port", str(port),
-                                "--node-config", f"partition-id={k} num-partitions=3"], tmp / f"supernode{k}.log", env))
+                                "--node-config", f"partition-id={k} num-partitions=3"
+                                + (f' state-dir="{tmp / f"node{k}"}"' if state_dirs else "")],
+                               tmp / f"supernode{k}.log", env))
         # a copy: flwr may write next to the app, and the repo stays as it is
         shutil.copytree(os.path.join(ROOT, "flower_app"), tmp / "app", ignore=shutil.ignore_patterns("__pycache__"))
         yield tmp, env, procs
@@ -190,8 +193,10 @@ def submit(tmp, env, strategy, name=None, **over):
     """Start one run with flwr run (it returns once the SuperLink accepted it); its
     out_dir is tmp / (name or strategy)."""
     settings = {**TINY, "strategy": strategy, "out_dir": str(tmp / (name or strategy)), "timeout": WAIT, **over}
-    overrides = " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else f"{k.replace('_', '-')}={v}"
-                         for k, v in settings.items())
+    def toml(v):
+        return repr(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    overrides = " ".join(f"{k.replace('_', '-')}={toml(v)}" for k, v in settings.items())
     done = subprocess.run([f"{BIN}/flwr", "run", str(tmp / "app"), "test", "--run-config", overrides], env=env,
                           timeout=60, capture_output=True, text=True)
     if done.returncode:
@@ -241,6 +246,27 @@ def test_a_round_where_every_client_fails_is_not_aggregated_on_flower(federation
     initial = Simulation(FLConfig(strategy="fedavg", **TINY), progress=False).global_state
     for k, v in initial.items():
         assert torch.equal(flower["global"][k], v), k
+
+
+def test_a_resumed_flower_run_continues_exactly(tmp_path):
+    """FedPer (a private head on every node) for one round, then a new run with
+    resume=true and two rounds: the server continues from server.pt and each node from
+    the client state it saved in its state-dir (a new run starts with an empty
+    context.state). The result equals two rounds in process: global state and the
+    personalised metrics, which read the private heads."""
+    with launch(tmp_path, state_dirs=True) as (tmp, env, _):
+        submit(tmp, env, "fedper", name="resumed")
+        first = result(tmp, "resumed", rounds=1)
+        submit(tmp, env, "fedper", name="resumed", rounds=2, resume=True)
+        flower = result(tmp, "resumed", rounds=2)
+    assert flower["history"][0] == first["history"][0]  # round 0 was not run again (its timing is kept)
+    sim = Simulation(FLConfig(strategy="fedper", **{**TINY, "rounds": 2}), progress=False)
+    history = sim.run()
+    for k, v in sim.global_state.items():
+        torch.testing.assert_close(flower["global"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for name in sim.task.metrics:
+        assert flower["history"][1][name] == pytest.approx(history[1][name], rel=1e-5, nan_ok=True), name
+    assert sorted(p.name[-11:] for p in (tmp / "node0").iterdir()) == ["-r000000.pt", "-r000001.pt"]
 
 
 def test_one_round_over_tls_matches_the_simulation(tls_federation):
