@@ -230,6 +230,7 @@ def _keep(context, client, round_idx):
     context.state.update(pack("extra.", client.extra))
     prefix = _state_prefix(context)
     if prefix is not None:  # atomically, then drop all but the last two rounds' files
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
         path = f"{prefix}-r{round_idx:06d}.pt"
         torch.save({"round": round_idx, "local": client.local_state, "extra": client.extra}, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -244,7 +245,6 @@ def _state_prefix(context):
     state_dir = context.node_config.get("state-dir")
     if not state_dir:
         return None
-    os.makedirs(state_dir, exist_ok=True)
     settings = {k: v for k, v in sorted(context.run_config.items()) if k.replace("-", "_") not in ("rounds", "resume")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(state_dir, f"omnifm-{digest}-p{int(context.node_config['partition-id'])}")
@@ -257,13 +257,14 @@ def _saved_state(context, round_idx, kind):
     prefix = _state_prefix(context)
     if prefix is None:
         return None
-    usable = [p for p in glob.glob(f"{prefix}-r*.pt")
-              if (int(p[-9:-3]) <= round_idx if str(kind).startswith(MessageType.EVALUATE) else int(p[-9:-3]) < round_idx)]
+    end = round_idx + 1 if str(kind).startswith(MessageType.EVALUATE) else round_idx
+    usable = [p for p in glob.glob(f"{prefix}-r*.pt") if int(p[-len("000000.pt"):-len(".pt")]) < end]
     if not usable:
         return None
-    state = read_checkpoint(max(usable))
+    newest = max(usable)  # zero-padded rounds: the name order is the round order
+    state = read_checkpoint(newest)
     if not isinstance(state, dict) or set(state) != {"round", "local", "extra"}:
-        raise ValueError(f"state-dir: {max(usable)} is not a client state this app wrote")
+        raise ValueError(f"state-dir: {newest} is not a client state this app wrote")
     return state
 
 

@@ -17,8 +17,8 @@ pytest.importorskip("flwr")
 
 from omnifm.fl import FLConfig, Simulation  # noqa: E402
 from omnifm.fl.client import Update  # noqa: E402
-from omnifm.fl.flower import (config_from, to_record, to_tensors, update_from_records,  # noqa: E402
-                              update_to_records)
+from omnifm.fl.flower import (_keep, _saved_state, config_from, to_record, to_tensors,  # noqa: E402
+                              update_from_records, update_to_records)
 from omnifm.fl.simulation import read_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +64,32 @@ def test_run_config_maps_to_flconfig_and_refuses_unknown_keys():
     assert app == {"out_dir": "/x", "timeout": 600.0, "resume": False}
     with pytest.raises(ValueError, match="unknown keys"):
         config_from({"strategy": "fedavg", "roudns": 3})
+
+
+def test_node_state_dir_keeps_two_rounds_and_serves_the_right_one(tmp_path):
+    """A node's saved client state: written after each round it trains, the last two
+    kept; a training message of round r reads the newest before r, an evaluation of round
+    r (which follows r's training) the newest up to r; another experiment's files are
+    never read."""
+    from types import SimpleNamespace
+
+    from flwr.app import MessageType, RecordDict
+
+    def node(**run_config):
+        return SimpleNamespace(node_config={"partition-id": 1, "state-dir": str(tmp_path)},
+                               run_config={"strategy": "fedper", "rounds": 5, **run_config}, state=RecordDict())
+
+    context = node()
+    for r in (0, 2, 3):
+        client = SimpleNamespace(local_state={"head": torch.full((2,), float(r))}, extra={})
+        _keep(context, client, r)
+    assert sorted(p.name[-11:] for p in tmp_path.iterdir()) == ["-r000002.pt", "-r000003.pt"]
+    later = node(rounds=9)  # a resumed run: more rounds, same experiment
+    assert _saved_state(later, 3, MessageType.TRAIN)["round"] == 2
+    assert _saved_state(later, 3, MessageType.EVALUATE)["round"] == 3
+    assert _saved_state(later, 4, MessageType.TRAIN)["local"]["head"].tolist() == [3.0, 3.0]
+    assert _saved_state(later, 2, MessageType.TRAIN) is None  # round 0's file was dropped
+    assert _saved_state(node(lr=0.5), 4, MessageType.TRAIN) is None
 
 
 # -- real processes ------------------------------------------------------------
