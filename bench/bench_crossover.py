@@ -2,6 +2,7 @@
 
     python bench/bench_crossover.py                       # spectral_token: CPU_EXT_MIN_ELEMENTS
     python bench/bench_crossover.py --op eca_attention    # eca_attention: CPU_EXT_MIN_WIDTH
+    python bench/bench_crossover.py --op cosine_topk      # cosine_topk: SCREEN_MIN_ROWS
 
 For x of shape (B, C, H, W) over a grid of sizes (K=8, m=16, h=64, d=256: the adapter's
 settings), times the op forced to ext and forced to the reference, forward-only (no
@@ -14,6 +15,11 @@ to compare with omnifm.ops.spectral_token.CPU_EXT_MIN_ELEMENTS.
 eca_attention: r (B, L, d) attends to k=2 prototypes (d = dh), forward+backward of r and
 the projections (the adapter's training step; forward-only calls always run the
 reference core on CPU), for d in 16, 64, 256; compare with CPU_EXT_MIN_WIDTH.
+
+cosine_topk: the compiled kernel's two exact paths, the float32 GEMM and the bfloat16
+screen (the bank prepared inside each call, as the dispatcher does without prepared=),
+for B queries of d=128 against M rows, k=8; both answers must be equal bit for bit;
+compare with SCREEN_MIN_QUERIES and SCREEN_MIN_ROWS.
 """
 import argparse
 import os
@@ -26,6 +32,8 @@ from harness import (Failures, add_output_args, append_csv, check_answer, csv_pa
                      time_ms)
 
 from omnifm.nn import ECAFusion, SpectralTokenizer  # noqa: E402
+from omnifm.ops import cosine_topk as cosine_topk_op  # noqa: E402
+from omnifm.ops.cosine_topk import cpu_has_fast_bfloat16, prepare_bank  # noqa: E402
 from omnifm.ops.eca_attention import CPU_EXT_MIN_WIDTH  # noqa: E402
 from omnifm.ops.spectral_token import CPU_EXT_MIN_ELEMENTS  # noqa: E402
 
@@ -127,16 +135,58 @@ def eca_sweep(args, failures):
               f"(dispatcher: ext from d >= {CPU_EXT_MIN_WIDTH})")
 
 
+def topk_sweep(args, failures):
+    topk_module = sys.modules["omnifm.ops.cosine_topk"]  # the module (omnifm.ops.cosine_topk is the function)
+    if not cpu_has_fast_bfloat16():
+        print("this CPU has no bfloat16 instructions: the dispatcher never screens here")
+    print(f"{'B':>5} {'M':>7} | {'fp32 ms':>8} {'screen':>8} {'prepared':>8} | {'ratios':>11}")
+    wins = {"screen": [], "prepared": []}
+    d, k = 128, 8
+    sizes = ((16, 4096),) if args.quick else [(b, m) for b in (16, 64, 256, 1024) for m in (4096, 16384, 65536, 200_000)]
+    saved = dict(topk_module.SCREEN_MIN_QUERIES), dict(topk_module.SCREEN_MIN_ROWS)
+    for B, M in sizes:
+        g = torch.Generator().manual_seed(B + M)
+        q, bank = torch.randn(B, d, generator=g), torch.randn(M, d, generator=g)
+        prepared = prepare_bank(bank)
+        never, always = {False: 1 << 62, True: 1 << 62}, {False: 0, True: 0}
+        calls = {"fp32": (never, None), "screen": (always, None), "prepared": (always, prepared)}
+        ms, answers = {}, {}
+        try:
+            with forced_backend("ext"):
+                for name, (floors, prep) in calls.items():
+                    topk_module.SCREEN_MIN_QUERIES, topk_module.SCREEN_MIN_ROWS = floors, floors
+                    answers[name] = cosine_topk_op(q, bank, k, prepared=prep)
+                    ms[name] = time_ms(lambda: cosine_topk_op(q, bank, k, prepared=prep), CPU,
+                                       warmup=args.warmup, repeat=args.repeat)
+        finally:
+            topk_module.SCREEN_MIN_QUERIES, topk_module.SCREEN_MIN_ROWS = saved
+        if not all(torch.equal(a, b) for name in ("screen", "prepared") for a, b in zip(answers["fp32"], answers[name])):
+            failures.add(f"screen B={B} M={M}", AssertionError("the screen's answer differs from the float32 kernel's"))
+            continue
+        for name in wins:
+            wins[name].append((B, M, ms["fp32"] > ms[name]))
+        print(f"{B:>5} {M:>7} | {ms['fp32']:8.2f} {ms['screen']:8.2f} {ms['prepared']:8.2f} | "
+              f"{ms['fp32'] / ms['screen']:5.2f} {ms['fp32'] / ms['prepared']:5.2f}", flush=True)
+        if args.csv:
+            append_csv("crossover cosine_topk", CPU, f"B={B} M={M} d={d} k={k}",
+                       [{"impl": n, "ms": ms[n], "speedup": ms["fp32"] / ms[n]} for n in ms], path=csv_path(args))
+    for name, rows in wins.items():
+        print(f"{name}: faster than the float32 kernel at (B, M) = {[(b, m) for b, m, w in rows if w]}")
+    q_min, m_min = topk_module.SCREEN_MIN_QUERIES, topk_module.SCREEN_MIN_ROWS
+    print(f"dispatcher: screens from B >= {q_min[False]} and M >= {m_min[False]} per call; "
+          f"with prepared=, from B >= {q_min[True]} and M >= {m_min[True]}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", choices=("spectral_token", "eca_attention"), default="spectral_token")
+    p.add_argument("--op", choices=("spectral_token", "eca_attention", "cosine_topk"), default="spectral_token")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="two sizes only (a smoke test)")
     add_output_args(p)
     args = p.parse_args(argv)
     failures = Failures()
-    (eca_sweep if args.op == "eca_attention" else token_sweep)(args, failures)
+    {"eca_attention": eca_sweep, "cosine_topk": topk_sweep, "spectral_token": token_sweep}[args.op](args, failures)
     failures.exit_if_any()
 
 

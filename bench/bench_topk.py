@@ -13,7 +13,13 @@ its own, and adds that peak to the table.
 What each implementation is given: the same float32 queries (B, d) and bank (M, d)
 (--bank-dtype sets the bank's), not normalised, and it is timed from those to
 (scores, indices):
-  omnifm ext / omnifm triton           the fused op (CPU / CUDA)
+  omnifm ext / omnifm triton           the fused op (CPU / CUDA), as dispatched: on a CPU
+                                       with bfloat16 instructions and a large enough call,
+                                       the bfloat16 screen with exact rescoring
+  omnifm ext, bank prepared once       (CPU) the same with prepare_bank() outside the
+                                       timed region (a bank that changes less often than
+                                       it is searched)
+  omnifm ext, float32 GEMM only        (CPU) the compiled kernel without the screen
   torch normalize+matmul+topk          the strongest plain PyTorch: F.normalize both,
                                        one matmul, torch.topk (forms the (B, M) matrix)
   torch.compile(normalize+matmul+topk) the same, compiled (compiled before timing)
@@ -53,6 +59,8 @@ STRONGEST = "torch normalize+matmul+topk"
 COMPILED = "torch.compile(normalize+matmul+topk)"
 FAISS = "faiss IndexFlatIP"
 NAIVE = "torch sort (reference, naive)"
+PREPARED = "omnifm ext, bank prepared once"
+FLOAT32_GEMM = "omnifm ext, float32 GEMM only"
 UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
@@ -72,7 +80,7 @@ def normalize_matmul_topk(q, bank, k, bank_normalized=False):
 
 def _impl(name, q, bank, args):
     """A no-argument callable returning (scores, indices) for one implementation."""
-    from omnifm.ops import cosine_topk, cosine_topk_ref
+    from omnifm.ops import cosine_topk, cosine_topk_ref, prepare_bank
 
     k = args.k
     if name == STRONGEST:
@@ -100,12 +108,28 @@ def _impl(name, q, bank, args):
             fill()
             return search
         return lambda: (fill(), search())[1]
+    if name == PREPARED:
+        prepared = prepare_bank(bank)
+        return lambda: cosine_topk(q, bank, k, prepared=prepared)
+    if name == FLOAT32_GEMM:
+        return lambda: _without_screen(lambda: cosine_topk(q, bank, k))
     backend = name.split()[-1]
 
     def fused():
         with forced_backend(backend):
             return cosine_topk(q, bank, k)
     return fused
+
+
+def _without_screen(call):
+    module = sys.modules["omnifm.ops.cosine_topk"]
+    saved = dict(module.SCREEN_MIN_ROWS)
+    module.SCREEN_MIN_ROWS.update({False: 1 << 62, True: 1 << 62})
+    try:
+        with forced_backend("ext"):
+            return call()
+    finally:
+        module.SCREEN_MIN_ROWS.update(saved)
 
 
 def exact_topk(q, bank64, k, chunk=128):
@@ -250,7 +274,7 @@ def main(argv=None):
         print(f"{FAISS}: skipped, faiss is not installed (pip install faiss-cpu)")
     baselines = [STRONGEST] + ([COMPILED] if args.compile else []) + ([FAISS] if has_faiss else [])
     baselines += [NAIVE] if args.with_reference else []
-    names = [fused] + baselines
+    names = [fused] + ([PREPARED, FLOAT32_GEMM] if device.type == "cpu" else []) + baselines
 
     q, bank = _inputs(args, device)
     bank64 = bank.double()

@@ -4,7 +4,7 @@ Each op dispatches per call: CUDA tensors to Triton, CPU tensors to the compiled
 extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
 """
 from ._backend import BackendUnavailableError
-from .cosine_topk import cosine_topk, cosine_topk_ref
+from .cosine_topk import PreparedBank, cosine_topk, cosine_topk_ref, prepare_bank
 from .eca_attention import eca_attention, eca_attention_ref
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
@@ -16,6 +16,8 @@ __all__ = [
     "backend_info",
     "cosine_topk",
     "cosine_topk_ref",
+    "prepare_bank",
+    "PreparedBank",
     "eca_attention",
     "eca_attention_ref",
     "lowpass_spectrum",

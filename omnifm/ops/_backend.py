@@ -48,11 +48,16 @@ def _has_kernel(op, key):
         return False
 
 
+def has_ext_kernel(op, device_type):
+    """Whether omnifm_ext registered omnifm::<op> for this device type."""
+    return (op, device_type) in EXT_KERNELS
+
+
 def _ext_kernels():
     """{(op, device_type)} for which omnifm_ext registered a kernel."""
     if not omnifm_ext.AVAILABLE:
         return frozenset()
-    ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "eca_core")
+    ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "cosine_topk_screened", "eca_core")
     return frozenset((op, key.lower()) for op in ops for key in ("CPU", "CUDA") if _has_kernel(op, key))
 
 

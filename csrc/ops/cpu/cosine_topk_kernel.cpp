@@ -1,18 +1,20 @@
 // CPU kernel: cosine top-k over a bank streamed in tiles of kTileRows rows. Each tile
 // is multiplied against a block of queries into a reused buffer (BLAS), and every
-// query keeps a running top-k heap; the (B, M) similarity matrix never exists. score = ((q . b) * rq) * rb with r = 1 / max(|v|, eps),
-// the same expression as the reference, so exact ties (duplicated rows) stay ties and
-// are broken by the lower index.
+// query keeps a running top-k heap; the (B, M) similarity matrix never exists.
+// score = ((q . b) * rq) * rb with r = 1 / max(|v|, eps), the same expression as the
+// reference (the same ATen norm, and the BLAS product of a tile equals the full
+// product's), so the scores match it bit for bit and exact ties (duplicated rows) stay
+// ties, broken by the lower index.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "check.h"
+#include "topk_heap.h"
 
 namespace omnifm {
 namespace cpu {
@@ -22,57 +24,15 @@ constexpr int64_t kTileRows = 1024;
 constexpr int64_t kQueryBlock = 4096;  // bounds the similarity buffer: 16 MiB in float32
 constexpr double kEps = 1e-12;
 
-template <typename T>
-struct Hit {
-  T score;
-  int64_t index;
-};
-
-// a ranks before b: higher score, then lower index.
-template <typename T>
-inline bool before(const Hit<T>& a, const Hit<T>& b) {
-  return a.score > b.score || (a.score == b.score && a.index < b.index);
-}
-
-// Min-heap on rank (the worst kept hit on top), capacity k.
-template <typename T>
-struct TopK {
-  std::vector<Hit<T>> heap;
-  int64_t k;
-  explicit TopK(int64_t k_) : k(k_) { heap.reserve(k_); }
-  inline T threshold() const {
-    return static_cast<int64_t>(heap.size()) < k ? -std::numeric_limits<T>::infinity() : heap.front().score;
+// 1 / max(|row|, eps) of each row of a (n, d) block, with the reference's own ATen
+// expression, so the scores match it bit for bit. The first non-finite norm (a
+// non-finite entry, or a norm that overflows) is reported at global row offset + i.
+at::Tensor inverse_norms(const at::Tensor& rows, int64_t offset, int64_t& bad_row) {
+  at::Tensor norms = at::linalg_vector_norm(rows, 2, {-1});
+  if (bad_row < 0 && !at::isfinite(norms).all().item<bool>()) {
+    bad_row = offset + at::logical_not(at::isfinite(norms)).nonzero()[0][0].item<int64_t>();
   }
-  // Called in increasing index order within a chunk, so an equal score never wins.
-  inline void offer(T score, int64_t index) {
-    auto worse_first = [](const Hit<T>& a, const Hit<T>& b) { return before(a, b); };
-    if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push_back({score, index});
-      std::push_heap(heap.begin(), heap.end(), worse_first);
-    } else if (score > heap.front().score) {
-      std::pop_heap(heap.begin(), heap.end(), worse_first);
-      heap.back() = {score, index};
-      std::push_heap(heap.begin(), heap.end(), worse_first);
-    }
-  }
-};
-
-// 1 / max(|row|, eps) for each row of a contiguous (n, d) block, written to out, in T
-// operation for operation as the reference: 1 / clamp_min(sqrt(sum sq), eps). The first
-// non-finite row (global index offset + i) goes to bad_row. No allocation: this runs
-// per tile inside the parallel region.
-template <typename T>
-void inverse_norms(const T* rows, int64_t n, int64_t d, int64_t offset, T* out, std::atomic<int64_t>& bad_row) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* r = rows + i * d;
-    T sq = 0;
-    for (int64_t j = 0; j < d; ++j) sq += r[j] * r[j];
-    if (!std::isfinite(sq)) {
-      int64_t expected = -1;
-      bad_row.compare_exchange_strong(expected, offset + i);
-    }
-    out[i] = T(1) / std::max(std::sqrt(sq), static_cast<T>(kEps));
-  }
+  return at::reciprocal(norms.clamp_min(kEps));
 }
 
 template <typename T>
@@ -80,10 +40,10 @@ void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n
                at::Tensor& scores, at::Tensor& indices) {
   const int64_t B = q.size(0), d = q.size(1);
   const auto dtype = q.scalar_type();
-  std::atomic<int64_t> bad_query(-1), bad_row(-1);
-  std::vector<T> rq(B), rb(kTileRows);
-  inverse_norms<T>(q.data_ptr<T>(), B, d, 0, rq.data(), bad_query);
-  TORCH_CHECK_VALUE(bad_query.load() < 0, "queries: row ", bad_query.load(), " is not finite");
+  int64_t bad_query = -1, bad_row = -1;
+  const at::Tensor rq_t = inverse_norms(q, 0, bad_query);
+  TORCH_CHECK_VALUE(bad_query < 0, "queries: row ", bad_query, " is not finite");
+  const T* rq = rq_t.data_ptr<T>();
 
   // Per bank tile: one BLAS call over a block of queries (BLAS threads it well),
   // then the selection in parallel over queries. The buffers are allocated once: a
@@ -97,8 +57,8 @@ void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n
     const int64_t rows = std::min(kTileRows, n_valid - r0);
     at::Tensor tile = bank.slice(0, r0, r0 + rows);
     if (convert) tile = tile_buf.narrow(0, 0, rows).copy_(tile);
-    inverse_norms<T>(tile.data_ptr<T>(), rows, d, r0, rb.data(), bad_row);
-    const T* rb_p = rb.data();
+    const at::Tensor rb = inverse_norms(tile, r0, bad_row);
+    const T* rb_p = rb.data_ptr<T>();
     for (int64_t q0 = 0; q0 < B; q0 += qblock) {
       const int64_t nq = std::min(qblock, B - q0);
       at::Tensor sim = sim_buf.narrow(0, 0, nq).narrow(1, 0, rows);
@@ -134,18 +94,13 @@ void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n
       at::parallel_for(0, nq, 16, select);
     }
   }
-  TORCH_CHECK_VALUE(bad_row.load() < 0, "bank: row ", bad_row.load(), " is not finite (or its norm overflows)");
+  TORCH_CHECK_VALUE(bad_row < 0, "bank: row ", bad_row, " is not finite (or its norm overflows)");
 
   T* out_s = scores.data_ptr<T>();
   int64_t* out_i = indices.data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      std::vector<Hit<T>>& hits = heaps[b].heap;
-      std::sort(hits.begin(), hits.end(), before<T>);
-      for (int64_t j = 0; j < k; ++j) {
-        out_s[b * k + j] = hits[j].score;
-        out_i[b * k + j] = hits[j].index;
-      }
+      heaps[b].write_sorted(out_s + b * k, out_i + b * k);
     }
   });
 }
