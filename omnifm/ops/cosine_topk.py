@@ -84,6 +84,7 @@ def backend_checks(dev, cd, k=1):
 SCREEN_MIN_QUERIES = {False: 256, True: 16}  # {prepared given: B}
 SCREEN_MIN_ROWS = {False: 65536, True: 16384}  # {prepared given: n_valid}
 PREPARE_CHUNK_ROWS = 16384
+SCREEN_MIN_NORM = 2.0**-50
 FLOAT32_UNIT = 2.0**-24
 BFLOAT16_UNIT = 2.0**-8
 
@@ -98,7 +99,9 @@ def screen_bound(d):
 
     Proof. u = 2^-24, ub = 2^-8, g(n) = n u / (1 - n u). rq, rb are the reference's
     float32 inverse norms; with R = 1 + g(d + 4), |q| rq <= R and |b| rb <= R (the
-    norm's sum of squares, sqrt and reciprocal each round once per step). Let
+    norm's sum of squares, sqrt and reciprocal each round once per step; a norm of at
+    least SCREEN_MIN_NORM = 2^-50 keeps the squares that underflow below 2^-149 d,
+    relative 2^-49 d of the sum, far inside g(d); a zero row scores exactly 0). Let
     c = (q . b) rq rb, so |c| <= R^2.
     Exact: s = fl(fl(dot rq) rb) with |dot - q.b| <= g(d) |q||b| in any summation
     order, so |s - c| <= R^2 (g(2) + g(d)(1 + g(2))).
@@ -126,6 +129,7 @@ class PreparedBank(NamedTuple):
     inv_norms: torch.Tensor  # (n_valid,) float32: the reference's 1 / max(|row|, eps)
     n_valid: int
     source: tuple  # which bank, at which version: a change makes it stale
+    in_range: bool  # every row's norm is 0 or >= SCREEN_MIN_NORM (screen_bound holds)
 
 
 def _bank_identity(bank, n_valid):
@@ -146,11 +150,16 @@ def prepare_bank(bank, n_valid=None):
         norms = live.norm(dim=-1)  # a non-finite entry makes its row's norm non-finite
         if not torch.isfinite(norms).all():
             raise ValueError("bank: contains NaN or Inf in its live rows (or a row's norm overflows)")
+        in_range = _norms_in_range(norms)
         inv = 1.0 / norms.clamp_min(EPS)  # inverse_norms(live), without a second pass
         unit = torch.empty(live.shape, dtype=torch.bfloat16)
         for r in range(0, n_valid, PREPARE_CHUNK_ROWS):  # in cache-sized chunks: half the time
             unit[r:r + PREPARE_CHUNK_ROWS].copy_(live[r:r + PREPARE_CHUNK_ROWS] * inv[r:r + PREPARE_CHUNK_ROWS, None])
-    return PreparedBank(unit, inv, n_valid, _bank_identity(bank, n_valid))
+    return PreparedBank(unit, inv, n_valid, _bank_identity(bank, n_valid), in_range)
+
+
+def _norms_in_range(norms):
+    return bool(((norms == 0) | (norms >= SCREEN_MIN_NORM)).all())
 
 
 @functools.cache
@@ -164,8 +173,8 @@ def screen_matches_reference(batch, d):
     """Whether the screen's exact scores equal the reference's bit for bit for batch
     queries of width d, probed once on random data. The screen sums each dot in index
     order with fused multiply-adds, as this machine's BLAS GEMM does per output, but a
-    BLAS may block long rows (here d > 256) or treat a few queries (here < 16)
-    differently; where the probe differs, the float32 kernel runs instead."""
+    BLAS may block long rows (here d > 256), or treat a few queries (here < 16) or a
+    bank of one row differently; where the probe differs, the float32 kernel runs."""
     g = torch.Generator().manual_seed(batch * 1009 + d)
     q, bank = torch.randn(batch, d, generator=g), torch.randn(512, d, generator=g)
     want = cosine_topk_ref(q, bank, 512)
@@ -185,10 +194,15 @@ def _use_screen(queries, bank, n_valid, prepared):
 
 
 def _screened(queries, bank, k, n_valid, prepared):
+    """The screen's answer, or None where screen_bound's premise fails (a row or query
+    norm below SCREEN_MIN_NORM, or one that overflows): the float32 kernel then runs."""
     if prepared is None:
         prepared = prepare_bank(bank, n_valid)
     with torch.no_grad():
-        rq = inverse_norms(queries)
+        norms = queries.norm(dim=-1)
+        if not prepared.in_range or not _norms_in_range(norms) or not torch.isfinite(norms).all():
+            return None
+        rq = 1.0 / norms.clamp_min(EPS)  # inverse_norms(queries)
         q_unit = (queries * rq[:, None]).to(torch.bfloat16)
     return torch.ops.omnifm.cosine_topk_screened(queries, bank, q_unit, rq, prepared.unit, prepared.inv_norms,
                                                  k, n_valid, screen_bound(queries.shape[1]))
@@ -210,7 +224,9 @@ def cosine_topk(queries, bank, k, *, n_valid=None, prepared=None):
     cd = _compute_dtype(queries, bank)
     backend = _backend.choose(backend_checks(queries.device.type, cd, k), queries.device.type).backend
     if backend == "ext" and _use_screen(queries, bank, n_valid, prepared):
-        return _screened(queries, bank, k, n_valid, prepared)
+        out = _screened(queries, bank, k, n_valid, prepared)
+        if out is not None:
+            return out
     if backend == "reference":
         scores, indices = cosine_topk_ref(queries, bank, k, n_valid=n_valid)
         if not torch.compiler.is_compiling() and not torch.isfinite(scores).all():

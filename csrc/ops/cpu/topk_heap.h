@@ -1,6 +1,8 @@
 // The running top-k of one query, shared by the cosine top-k kernels: higher score
 // first, ties to the lower index.
 #pragma once
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -43,6 +45,7 @@ struct TopK {
   }
   // The kept hits in rank order into scores[0:k], indices[0:k].
   void write_sorted(T* scores, int64_t* indices) {
+    TORCH_CHECK(full(), "cosine_topk: internal error, ", heap.size(), " rows kept for k=", k);
     std::sort(heap.begin(), heap.end(), before<T>);
     for (int64_t j = 0; j < k; ++j) {
       scores[j] = heap[j].score;
