@@ -24,6 +24,7 @@ class Update:
     extra: dict = field(default_factory=dict)  # strategy payload (e.g. SCAFFOLD delta c)
     bank_upload: torch.Tensor | None = None  # prototypes (p, d) for the knowledge bank
     retrieval_counts: torch.Tensor | None = None
+    contributors: int = 1  # clients it stands for (a secure aggregate: all the round's participants)
 
 
 @dataclass

@@ -29,10 +29,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .client import Update
+from .flower_secagg import check_secagg, is_secure_round, secagg_if_requested, secure_client_updates, secure_train
 from .simulation import CHECKPOINT_KEYS, FLConfig, Simulation, read_checkpoint, weighted_means
 
 # run-config keys of the app itself (not FLConfig fields); resume: continue from out_dir/server.pt
-APP_KEYS = {"out_dir": "", "timeout": 600.0, "resume": False}
+APP_KEYS = {"out_dir": "", "timeout": 600.0, "resume": False, "secagg": False, "secagg_clip": 8.0}
 CLIENT_SIDE_STATE = {"scaffold": ("c",)}  # the server state a strategy's client_train reads (SCAFFOLD's c)
 UPLOADS = ("bank_upload", "retrieval_counts")
 
@@ -83,7 +84,10 @@ def config_from(run_config):
     if unknown:
         raise ValueError(f"run config: unknown keys {sorted(unknown)}")
     app = {k: given.get(k, default) for k, default in APP_KEYS.items()}
-    return FLConfig(**{k: v for k, v in given.items() if k in fields}), app
+    cfg = FLConfig(**{k: v for k, v in given.items() if k in fields})
+    if app["secagg"]:
+        check_secagg(cfg, float(app["secagg_clip"]))
+    return cfg, app
 
 
 def _broadcast(sim, r):
@@ -101,9 +105,10 @@ def _broadcast(sim, r):
 class FlowerServer(Simulation):
     """A Simulation whose clients train and evaluate on their SuperNodes."""
 
-    def __init__(self, cfg, grid, out_dir=None, *, timeout=600.0, log=print):
+    def __init__(self, cfg, grid, out_dir=None, *, timeout=600.0, log=print, secagg_clip=None, flwr_context=None):
         super().__init__(cfg, out_dir or None, progress=False, log=log)
         self.grid, self.timeout = grid, timeout
+        self.secagg_clip, self.flwr_context = secagg_clip, flwr_context  # secagg_clip None: no secure aggregation
         self.nodes, self.first_uploads = self.find_nodes()
 
     def send(self, kind, cids, content, group=""):
@@ -152,10 +157,19 @@ class FlowerServer(Simulation):
         self.load_state_dict(state, source=path)
 
     def client_updates(self, r, participants):
-        """The participants train on their nodes (and clip and noise there, under DP)."""
+        """The participants train on their nodes (and clip and noise there, under DP);
+        with secure aggregation, one Update that stands for all of them."""
+        if self.secagg_clip is not None:
+            return secure_client_updates(self, r, participants, self.secagg_clip, self.flwr_context)
         replies = self.send(MessageType.TRAIN, participants, _broadcast(self, r), str(r))
         return {cid: reply if isinstance(reply, Exception) else update_from_records(reply)
                 for cid, reply in replies.items()}
+
+    def run_round(self, r):
+        row = super().run_round(r)
+        if self.secagg_clip is not None:  # its one update came out of a completed SecAgg+ round, or none did
+            row["secagg"] = True
+        return row
 
     def evaluate(self, clients=None):
         """Simulation.evaluate's weighted means, over the values and weights the nodes report."""
@@ -187,17 +201,19 @@ def make_server_app():
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(1)  # tiny tensors; leaves the cores to the clients
         cfg, settings = config_from(context.run_config)
-        FlowerServer(cfg, grid, settings["out_dir"], timeout=float(settings["timeout"])).run(
-            resume=bool(settings["resume"]))
+        clip = float(settings["secagg_clip"]) if settings["secagg"] else None
+        FlowerServer(cfg, grid, settings["out_dir"], timeout=float(settings["timeout"]), secagg_clip=clip,
+                     flwr_context=context).run(resume=bool(settings["resume"]))
 
     return app
 
 
 # -- client -------------------------------------------------------------------
-def _node(message, context):
+def _node(message, context, round_idx=None):
     """This node's Simulation and Client, with the state it kept from earlier rounds and
     what the server broadcast. A ClientApp process lives for one message, so it is rebuilt
-    each time: cheap for the synthetic tasks, and identical on every call."""
+    each time: cheap for the synthetic tasks, and identical on every call. round_idx: the
+    round of a message that does not carry our config record (a secure round's FitIns)."""
     cfg, _ = config_from(context.run_config)
     pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     if n != cfg.clients or not 0 <= pid < n:
@@ -205,8 +221,10 @@ def _node(message, context):
     sim = Simulation(cfg, progress=False)
     client = sim.clients[pid]
     content = message.content
-    if "local" not in context.state and "config" in content:  # a new run or a restarted node
-        saved = _saved_state(context, int(content["config"]["round"]), message.metadata.message_type)
+    if round_idx is None and "config" in content:
+        round_idx = int(content["config"]["round"])
+    if "local" not in context.state and round_idx is not None:  # a new run or a restarted node
+        saved = _saved_state(context, round_idx, message.metadata.message_type)
         if saved is not None:
             context.state["local"] = to_record(saved["local"])
             context.state.update(pack("extra.", saved["extra"]))
@@ -269,7 +287,7 @@ def _saved_state(context, round_idx, kind):
 
 
 def make_client_app():
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_if_requested])
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -282,6 +300,10 @@ def make_client_app():
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        if is_secure_round(message):
+            clip = float(config_from(context.run_config)[1]["secagg_clip"])
+            return secure_train(message, lambda r: _node(message, context, r),
+                                lambda client, r: _keep(context, client, r), clip)
         sim, client = _node(message, context)
         ctx = sim.context(int(message.content["config"]["round"]), client.cid)
         update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)

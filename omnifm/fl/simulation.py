@@ -327,16 +327,18 @@ class Simulation:
                 rejected.append(cid)
                 self.log(f"round {r}: update of client {cid} rejected: {why}")
                 continue
-            up += tensor_bytes(update.weights) + tensor_bytes(update.extra) + tensor_bytes(update.bank_upload)
+            up += update.contributors * (tensor_bytes(update.weights) + tensor_bytes(update.extra)
+                                         + tensor_bytes(update.bank_upload))
             updates.append(update)
         for u in norm_outliers(updates, self.global_state):
             rejected.append(u.client)
             self.log(f"round {r}: update of client {u.client} rejected: its change is over {NORM_OUTLIER_RATIO:g}x "
                      "the round's median")
             updates.remove(u)
-        aggregated = len(updates) >= self.cfg.min_clients and len(updates) > 0
+        usable = sum(u.contributors for u in updates)
+        aggregated = usable >= self.cfg.min_clients and usable > 0
         if not aggregated:  # too few replies: the server's state stays as it was
-            self.log(f"round {r}: {len(updates)} usable updates, fewer than min_clients={self.cfg.min_clients}; "
+            self.log(f"round {r}: {usable} usable updates, fewer than min_clients={self.cfg.min_clients}; "
                      "not aggregated")
         else:
             self.global_state = self.strategy.aggregate(self.global_state, updates, self.cfg.clients)

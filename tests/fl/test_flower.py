@@ -61,9 +61,19 @@ def test_update_without_uploads_round_trips_to_none():
 def test_run_config_maps_to_flconfig_and_refuses_unknown_keys():
     cfg, app = config_from({"strategy": "scaffold", "samples-per-client": 24, "data-root": "", "out-dir": "/x"})
     assert (cfg.strategy, cfg.samples_per_client, cfg.data_root) == ("scaffold", 24, None)
-    assert app == {"out_dir": "/x", "timeout": 600.0, "resume": False}
+    assert app == {"out_dir": "/x", "timeout": 600.0, "resume": False, "secagg": False, "secagg_clip": 8.0}
     with pytest.raises(ValueError, match="unknown keys"):
         config_from({"strategy": "fedavg", "roudns": 3})
+
+
+@pytest.mark.parametrize("over, match", [({"strategy": "omnifm"}, "secagg: strategy"),
+                                         ({"strategy": "scaffold"}, "secagg: strategy"),
+                                         ({"participation": 0.5}, "at least 3 participants"),
+                                         ({"secagg-clip": 0.0}, "secagg-clip")])
+def test_secure_aggregation_refuses_what_it_cannot_cover(over, match):
+    with pytest.raises(ValueError, match=match):
+        config_from({"strategy": "fedavg", "clients": 4, "participation": 1.0, "secagg": True, **over})
+    config_from({"strategy": "fedadam", "clients": 4, "participation": 1.0, "secagg": True})
 
 
 def test_node_state_dir_keeps_two_rounds_and_serves_the_right_one(tmp_path):
@@ -272,6 +282,25 @@ def test_a_round_where_every_client_fails_is_not_aggregated_on_flower(federation
     initial = Simulation(FLConfig(strategy="fedavg", **TINY), progress=False).global_state
     for k, v in initial.items():
         assert torch.equal(flower["global"][k], v), k
+
+
+def test_secure_aggregation_round_matches_the_simulation(federation):
+    """FedAvg under SecAgg+: the server gets only the masked sum of the three nodes'
+    changes, and its global state equals the in-process round's up to SecAgg+'s
+    quantisation (2^22 levels over [-8, 8]: 4e-6 per node)."""
+    tmp, env = federation
+    submit(tmp, env, "fedavg", name="secagg", secagg=True)
+    flower = result(tmp, "secagg")
+    sim = Simulation(FLConfig(strategy="fedavg", **TINY), progress=False)
+    history = sim.run()
+    row = flower["history"][0]
+    assert row["aggregated"] and row["secagg"] and row["rejected"] == [], logs(tmp)
+    for k, v in sim.global_state.items():
+        torch.testing.assert_close(flower["global"][k], v, rtol=0, atol=5e-5, msg=k)
+    moved = max((sim.global_state[k] - v).abs().max().item() for k, v in
+                Simulation(FLConfig(strategy="fedavg", **TINY), progress=False).global_state.items())
+    assert moved > 1e-3  # the round changed the weights far beyond the tolerance
+    assert row["loss"] == pytest.approx(history[0]["loss"], abs=1e-4)
 
 
 def test_one_round_over_tls_matches_the_simulation(tls_federation):

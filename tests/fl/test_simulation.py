@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from omnifm.fl import FLConfig, Simulation, dirichlet_label_skew, sample_participants
-from omnifm.fl.client import load_state
+from omnifm.fl.client import Update, load_state
 from omnifm.fl.report import table
 from omnifm.fl.strategies import STRATEGIES, FedAvg
 
@@ -504,3 +504,20 @@ def test_evaluation_weights_each_metric_by_its_own_samples():
     sim.task.metric_weights = lambda dataset: {"accuracy": 0, "f1": 1}
     got = sim.evaluate()
     assert math.isnan(got["accuracy"]) and got["f1"] == pytest.approx(0.5)
+
+
+def test_an_update_that_stands_for_several_clients_counts_them_all(monkeypatch):
+    """A secure aggregate (one Update for the round's participants) counts as its
+    contributors toward min_clients, and its weights become the global state (FedAvg
+    of one update)."""
+    cfg = FLConfig(strategy="fedavg", rounds=1, **{**TINY, "clients": 4, "participation": 1.0, "min_clients": 3})
+    for contributors, aggregated in ((3, True), (2, False)):
+        sim = Simulation(cfg, progress=False)
+        before = sim.global_state
+        moved = {k: v + 0.5 if v.is_floating_point() else v for k, v in before.items()}
+        monkeypatch.setattr(sim, "client_updates",
+                            lambda r, p, c=contributors: {-1: Update(-1, 40, moved, 0.25, contributors=c)})
+        row = sim.run_round(0)
+        assert row["aggregated"] is aggregated and row["loss"] == 0.25
+        for k in before:
+            assert torch.equal(sim.global_state[k], moved[k] if aggregated else before[k]), k
