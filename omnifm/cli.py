@@ -33,6 +33,8 @@ def _print_info(as_json):
             print(f"  {dev:<5} -> {choice['backend'] or 'none'}")
             for name, why in choice["skipped"].items():
                 print(f"          {name}: {why}")
+        if op in info["notes"]:
+            print(f"  {info['notes'][op]}")
 
 
 def _bench_dir():

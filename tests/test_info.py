@@ -35,6 +35,15 @@ def test_backend_info_reports_every_op_and_device():
         assert info["ops"]["eca_attention"]["cpu"]["backend"] == "reference"
 
 
+def test_backend_info_says_whether_cosine_topk_screens(monkeypatch):
+    topk = sys.modules["omnifm.ops.cosine_topk"]
+    monkeypatch.setattr(topk, "cpu_has_fast_bfloat16", lambda: False)
+    assert "off" in backend_info()["notes"]["cosine_topk"]
+    if omnifm_ext.AVAILABLE:
+        monkeypatch.setattr(topk, "cpu_has_fast_bfloat16", lambda: True)
+        assert f"{topk.SCREEN_MIN_ROWS[False]} rows" in backend_info()["notes"]["cosine_topk"]
+
+
 def run(code_or_args, env_extra=None, module=False):
     env = {**os.environ, **(env_extra or {})}
     cmd = [sys.executable, "-m", "omnifm.cli", *code_or_args] if module else [sys.executable, "-c", code_or_args]

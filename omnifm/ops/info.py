@@ -33,6 +33,22 @@ def _versions():
     return versions
 
 
+def _notes():
+    """{op: a line on a choice made inside a backend}."""
+    from . import _backend
+    from .cosine_topk import SCREEN_MIN_QUERIES, SCREEN_MIN_ROWS, cpu_has_fast_bfloat16
+
+    if not _backend.has_ext_kernel("cosine_topk_screened", "cpu"):
+        screen = "off (omnifm_ext has no screened kernel)"
+    elif not cpu_has_fast_bfloat16():
+        screen = "off (this CPU has no bfloat16 instructions: the float32 GEMM path runs)"
+    else:
+        screen = (f"on for float32 calls from B >= {SCREEN_MIN_QUERIES[False]} queries and "
+                  f"{SCREEN_MIN_ROWS[False]} rows (B >= {SCREEN_MIN_QUERIES[True]}, "
+                  f"{SCREEN_MIN_ROWS[True]} rows with prepare_bank)")
+    return {"cosine_topk": f"cpu ext bfloat16 screen: {screen}"}
+
+
 def backend_info(dtype=torch.float32):
     """{"versions": {...}, "ops": {op: {device: {"backend": name | None, "skipped": {...}}}}}."""
     ops = {}
@@ -44,4 +60,4 @@ def backend_info(dtype=torch.float32):
                 ops[name][dev] = {"backend": choice.backend, "skipped": choice.skipped}
             except _backend.BackendUnavailableError as exc:
                 ops[name][dev] = {"backend": None, "skipped": {"error": str(exc)}}
-    return {"versions": _versions(), "forced": _backend.forced_backend(), "ops": ops}
+    return {"versions": _versions(), "forced": _backend.forced_backend(), "ops": ops, "notes": _notes()}
