@@ -119,6 +119,10 @@ def _train_parser():
     p.add_argument("--client-timeout", type=float, default=d.client_timeout, metavar="SECONDS",
                    help="a client still training after SECONDS in a round is cut off and skipped that round "
                    "(default 0: no limit; with a limit, a run where a client is cut off is not reproducible)")
+    p.add_argument("--extras-budget-mb", type=float, default=d.extras_budget_mb, metavar="MB",
+                   help="keep at most MB of the clients' strategy state (Ditto's personal models, MOON's previous "
+                   "models, SCAFFOLD's and FedDyn's per-client tensors) in memory, the rest on disk "
+                   "(default 0: all in memory)")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, metavar="C",
                    help="differential privacy of uploads: clip each client's update (and each prototype to 1) to "
                    "L2 norm C and add Gaussian noise; epsilon(delta) per round in metrics.jsonl (default off)")

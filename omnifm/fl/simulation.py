@@ -13,6 +13,7 @@ import torch
 from ..tasks import get_task
 from .bank import KnowledgeBank
 from .client import Client, load_state, recalibrate_bn, split_state
+from .extras_store import ExtrasStore, read_extras, snapshot_path
 from .partition import sample_participants
 from .privacy import GaussianUploads
 from .strategies import make_strategy
@@ -56,6 +57,7 @@ class FLConfig:
     eval_clients: int = 0  # evaluate a sample of N clients per evaluation (0: all of them)
     min_clients: int = 1  # a round with fewer usable updates is not aggregated (logged, state kept)
     client_timeout: float = 0.0  # > 0: seconds of local training a client may take in a round; past it, skipped
+    extras_budget_mb: float = 0.0  # > 0: clients' strategy state (Ditto, MOON...) in memory up to this, the rest on disk
     dp_clip: float = 0.0  # > 0: clip each upload to this L2 norm and add noise (omnifm.fl.privacy)
     dp_noise: float = 0.0  # the Gaussian noise multiplier sigma (noise std = sigma * dp_clip)
     dp_delta: float = 1e-5  # the delta at which epsilon is reported
@@ -99,7 +101,7 @@ class FLConfig:
         for name in ("lr", "width", "bank_rho"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("lam", "bank_delta", "dp_clip", "dp_noise", "eval_clients", "client_timeout"):
+        for name in ("lam", "bank_delta", "dp_clip", "dp_noise", "eval_clients", "client_timeout", "extras_budget_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
@@ -202,6 +204,11 @@ def read_checkpoint(path):
         raise ValueError(f"resume: {path} is not a readable checkpoint ({why})") from exc
 
 
+# Settings a resumed run may change: how long it runs and how it holds the clients'
+# state, never what it computes.
+RESUMABLE_CHANGES = ("rounds", "extras_budget_mb")
+
+
 class Simulation:
     def __init__(self, cfg, out_dir=None, *, progress=True, log=print):
         self.cfg, self.out_dir, self.progress, self.log = cfg, out_dir, progress, log
@@ -225,6 +232,8 @@ class Simulation:
         self.global_state, local = split_state(self.model, self.strategy.is_shared)
         self.clients = [Client(k, p.train, p.test, {n: t.clone() for n, t in local.items()}, name=p.name)
                         for k, p in enumerate(parts)]
+        self.extras = None if not cfg.extras_budget_mb else ExtrasStore(
+            self.clients, int(cfg.extras_budget_mb * 2**20), os.path.join(out_dir, "spill") if out_dir else None)
         self.dim = self.task.adapter_dim
         self.bank = KnowledgeBank(self.dim, capacity=cfg.bank_capacity, rho=cfg.bank_rho, delta=cfg.bank_delta) \
             if self.strategy.uses_bank else None
@@ -232,11 +241,14 @@ class Simulation:
         self.history, self.next_round = [], 0
 
     # -- state ----------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self, extras_files=None):
+        """extras_files {cid: file}: the clients' extras are in those files (a snapshot
+        of the ExtrasStore), named instead of gathered into memory."""
+        clients = [{"local": c.local_state, "extra": c.extra} if extras_files is None else
+                   {"local": c.local_state, "extra": {}, "extra_file": extras_files[c.cid]} for c in self.clients]
         return {"config": dataclasses.asdict(self.cfg), "next_round": self.next_round, "global": self.global_state,
                 "strategy": self.strategy.state_dict(), "bank": self.bank.state_dict() if self.bank else None,
-                "clients": [{"local": c.local_state, "extra": c.extra} for c in self.clients],
-                "history": self.history}
+                "clients": clients, "history": self.history}
 
     def load_state_dict(self, state, source="the checkpoint"):
         """Refuses a state from another program or another run before changing anything."""
@@ -245,7 +257,7 @@ class Simulation:
         # a setting newer than the checkpoint counts as its default (what that run used)
         saved = {**dataclasses.asdict(FLConfig()), **state["config"]}
         mine = dataclasses.asdict(self.cfg)
-        diff = {k for k in mine if k != "rounds" and saved[k] != mine[k]}
+        diff = {k for k in mine if k not in RESUMABLE_CHANGES and saved[k] != mine[k]}
         if diff:
             raise ValueError(f"resume: {source} was made with different settings: {sorted(diff)}")
         shapes = {k: v.shape for k, v in self.global_state.items()}
@@ -257,13 +269,24 @@ class Simulation:
             self.bank.load_state_dict(state["bank"])
         for c, s in zip(self.clients, state["clients"]):
             c.local_state, c.extra = s["local"], s["extra"]
+            if "extra_file" in s:  # written with an extras budget: the file is in the checkpoint's directory
+                where = os.path.dirname(os.path.abspath(source))
+                if self.extras is not None:
+                    self.extras.restore(c, where, s["extra_file"])
+                else:
+                    c.extra = read_extras(snapshot_path(where, s["extra_file"], c.cid), c.cid)
 
     def checkpoint(self):
         """Atomic: write a temporary file, then rename over the old checkpoint."""
         path = os.path.join(self.out_dir, "checkpoint.pt")
         tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
+        if self.extras is None:
+            torch.save(self.state_dict(), tmp)
+        else:  # the clients' extras go to a snapshot beside it, never all into memory at once
+            torch.save(self.state_dict(self.extras.snapshot(self.out_dir, self.next_round)), tmp)
         os.replace(tmp, path)
+        if self.extras is not None:
+            self.extras.drop_old_snapshots(self.out_dir, self.next_round)
 
     def resume(self):
         path = os.path.join(self.out_dir, "checkpoint.pt")
@@ -301,6 +324,8 @@ class Simulation:
         out = {}
         for cid in participants:
             try:
+                if self.extras is not None:
+                    self.extras.use(self.clients[cid])
                 update = self.strategy.client_train(self.clients[cid], self.model, self.global_state,
                                                     self.context(r, cid))
                 if self.privacy is not None:  # on the client, before anything leaves it
@@ -308,6 +333,9 @@ class Simulation:
                 out[cid] = update
             except Exception as exc:
                 out[cid] = exc
+            finally:
+                if self.extras is not None:
+                    self.extras.release(self.clients[cid])
         return out
 
     def run_round(self, r):
@@ -379,7 +407,11 @@ class Simulation:
         no client has any."""
         per_client = []
         for c in self.clients if clients is None else clients:
+            if self.extras is not None:
+                self.extras.use(c)
             load_state(self.model, *self.strategy.eval_state(c, self.global_state))
+            if self.extras is not None:
+                self.extras.release(c)
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
             recalibrate_bn(self.model, c.train)
