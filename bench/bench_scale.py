@@ -60,9 +60,10 @@ def one(clients, participation, strategy, rounds, eval_clients, threads, extras_
 
 
 def extras_mb(sim):
-    from omnifm.fl.extras_store import OnDisk, _nbytes
+    from omnifm.fl.client import tensor_bytes
+    from omnifm.fl.extras_store import OnDisk
 
-    return sum(_nbytes(c.extra) for c in sim.clients if not isinstance(c.extra, OnDisk)) / 2**20
+    return sum(tensor_bytes(c.extra) for c in sim.clients if not isinstance(c.extra, OnDisk)) / 2**20
 
 
 def main(argv=None):

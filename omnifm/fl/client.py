@@ -14,6 +14,15 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 
+def tensor_bytes(obj):
+    """Bytes of the tensors in obj (a tensor, or dicts of them; anything else counts 0)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return 0
+
+
 @dataclass
 class Update:
     """What a client sends back after a round."""

@@ -21,13 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-
-def _nbytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    return 0
+from .client import tensor_bytes
 
 
 class OnDisk(Mapping):
@@ -76,7 +70,7 @@ class ExtrasStore:
         """Bring client's extras into memory (read back from disk if spilled)."""
         if isinstance(client.extra, OnDisk):
             client.extra = read_extras(client.extra.path, client.cid)
-        self.in_memory[client.cid] = _nbytes(client.extra)
+        self.in_memory[client.cid] = tensor_bytes(client.extra)
         self.in_memory.move_to_end(client.cid)
 
     def release(self, client):
@@ -92,7 +86,7 @@ class ExtrasStore:
                 victim.extra = OnDisk(path)
 
     def bytes_in_memory(self):
-        return sum(_nbytes(c.extra) for c in self.clients.values() if not isinstance(c.extra, OnDisk))
+        return sum(tensor_bytes(c.extra) for c in self.clients.values() if not isinstance(c.extra, OnDisk))
 
     def snapshot(self, out_dir, round_idx):
         """{cid: file name relative to out_dir} of every client's extras at this point,

@@ -12,7 +12,7 @@ import torch
 
 from ..tasks import get_task
 from .bank import KnowledgeBank
-from .client import Client, load_state, recalibrate_bn, split_state
+from .client import Client, load_state, recalibrate_bn, split_state, tensor_bytes
 from .extras_store import ExtrasStore, read_extras, snapshot_path
 from .partition import sample_participants
 from .privacy import GaussianUploads
@@ -128,12 +128,6 @@ class RoundContext:
     deadline: float | None = None  # time.monotonic() by which local training must end (None: no limit)
 
 
-def tensor_bytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    return 0
 
 
 def validate_update(update, global_state, dim=None, bank_size=None):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from omnifm.fl import FLConfig, Simulation
-from omnifm.fl.extras_store import OnDisk, _nbytes
+from omnifm.fl.client import tensor_bytes
+from omnifm.fl.extras_store import OnDisk
 from omnifm.fl.simulation import read_checkpoint
 
 TINY = dict(clients=4, participation=0.5, samples_per_client=24, image_size=16, width=0.125, local_epochs=1,
@@ -42,7 +43,7 @@ def test_budget_is_kept_between_clients(tmp_path, monkeypatch):
     """With room for about two clients' personal models, at most that much stays in
     memory after every client is done, and the run is still the same."""
     probe, _ = run("ditto", rounds=1)
-    one = max(_nbytes(c.extra) for c in probe.clients)
+    one = max(tensor_bytes(c.extra) for c in probe.clients)
     budget_mb = 2.5 * one / 2**20
     sim = Simulation(FLConfig(strategy="ditto", rounds=3, extras_budget_mb=budget_mb, **TINY), str(tmp_path),
                      progress=False)
