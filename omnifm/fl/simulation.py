@@ -13,7 +13,7 @@ import torch
 from ..tasks import get_task
 from .bank import KnowledgeBank
 from .client import Client, load_state, recalibrate_bn, split_state, tensor_bytes
-from .extras_store import ExtrasStore, read_extras, snapshot_path
+from .extras_store import ExtrasStore, OnDisk, read_extras, snapshot_path
 from .partition import sample_participants
 from .privacy import GaussianUploads
 from .strategies import make_strategy
@@ -269,6 +269,10 @@ class Simulation:
                     self.extras.restore(c, where, s["extra_file"])
                 else:
                     c.extra = read_extras(snapshot_path(where, s["extra_file"], c.cid), c.cid)
+        if self.extras is not None:  # extras the checkpoint held inline: fit them to this run's budget
+            for c in self.clients:
+                if not isinstance(c.extra, OnDisk):
+                    self.extras.release(c)
 
     def checkpoint(self):
         """Atomic: write a temporary file, then rename over the old checkpoint."""

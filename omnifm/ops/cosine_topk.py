@@ -16,7 +16,6 @@ The bank's bfloat16 copy can be made once per bank version with prepare_bank() a
 passed as `prepared=`; otherwise each call makes it.
 """
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -114,11 +113,10 @@ def screen_bound(d):
     below 2^-126 (flushed to zero) add at most 4 d 2^-126 in all; we add d 2^-100.
     E is the sum of these terms, then enlarged by 2^-20 relative for its own rounding.
     """
-    u, ub, e = FLOAT32_UNIT, BFLOAT16_UNIT, (1 + FLOAT32_UNIT) * (1 + BFLOAT16_UNIT) - 1
+    ub, e = BFLOAT16_UNIT, (1 + FLOAT32_UNIT) * (1 + BFLOAT16_UNIT) - 1
     r2 = (1 + _gamma(d + 4)) ** 2
     exact = r2 * (_gamma(2) + _gamma(d) * (1 + _gamma(2)))
     screen = r2 * (((1 + e) ** 2 - 1) + _gamma(d) * (1 + e) ** 2 + ub * (1 + e) ** 2 * (1 + _gamma(d)))
-    assert u < ub
     return (exact + screen + d * 2.0**-100) * (1 + 2.0**-20)
 
 
@@ -152,7 +150,7 @@ def prepare_bank(bank, n_valid=None):
             raise ValueError("bank: contains NaN or Inf in its live rows (or a row's norm overflows)")
         in_range = _norms_in_range(norms)
         inv = 1.0 / norms.clamp_min(EPS)  # inverse_norms(live), without a second pass
-        unit = torch.empty(live.shape, dtype=torch.bfloat16)
+        unit = torch.empty(live.shape, dtype=torch.bfloat16, device=bank.device)
         for r in range(0, n_valid, PREPARE_CHUNK_ROWS):  # in cache-sized chunks: half the time
             unit[r:r + PREPARE_CHUNK_ROWS].copy_(live[r:r + PREPARE_CHUNK_ROWS] * inv[r:r + PREPARE_CHUNK_ROWS, None])
     return PreparedBank(unit, inv, n_valid, _bank_identity(bank, n_valid), in_range)

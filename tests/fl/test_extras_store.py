@@ -84,6 +84,14 @@ def test_checkpoint_names_the_extras_and_resume_is_exact(tmp_path):
     again = tmp_path / "again"
     run("ditto", rounds=2, out_dir=again, extras_budget_mb=ALL_ON_DISK)
     assert_same_run(run("ditto"), run("ditto", rounds=3, out_dir=again, resume=True))
+    # and a checkpoint without a budget, resumed with one, spills its inline extras at once
+    inline = tmp_path / "inline"
+    run("ditto", rounds=2, out_dir=inline)
+    sim = Simulation(FLConfig(strategy="ditto", rounds=3, extras_budget_mb=ALL_ON_DISK, **TINY), str(inline),
+                     progress=False)
+    sim.resume()
+    assert sim.extras.bytes_in_memory() == 0
+    assert_same_run(run("ditto"), (sim, sim.run(resume=True)))
 
 
 def test_damaged_or_foreign_extras_files_are_refused(tmp_path):
