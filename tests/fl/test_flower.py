@@ -265,6 +265,7 @@ def check_against_simulation(tmp, env, strategy):
         torch.testing.assert_close(flower["bank"]["entries"], sim.bank.entries, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # over a minute here (63-85 s): OMNIFM_SLOW=1 runs it
 @pytest.mark.parametrize("strategy", ["fedavg", "omnifm"])
 def test_one_round_on_flower_matches_the_simulation(federation, strategy):
     check_against_simulation(*federation, strategy)
@@ -284,6 +285,7 @@ def test_a_round_where_every_client_fails_is_not_aggregated_on_flower(federation
         assert torch.equal(flower["global"][k], v), k
 
 
+@pytest.mark.slow  # over a minute here (63-85 s): OMNIFM_SLOW=1 runs it
 def test_secure_aggregation_round_matches_the_simulation(federation):
     """FedAvg under SecAgg+: the server gets only the masked sum of the three nodes'
     changes, and its global state equals the in-process round's up to SecAgg+'s
@@ -303,6 +305,7 @@ def test_secure_aggregation_round_matches_the_simulation(federation):
     assert row["loss"] == pytest.approx(history[0]["loss"], abs=1e-4)
 
 
+@pytest.mark.slow  # over a minute here (63-85 s): OMNIFM_SLOW=1 runs it
 def test_one_round_over_tls_matches_the_simulation(tls_federation):
     """The same round with every connection on TLS (the SuperNodes and flwr run verify
     the SuperLink against the test's CA); its port speaks TLS with that certificate

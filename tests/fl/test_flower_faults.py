@@ -15,6 +15,7 @@ from tests.fl.test_flower import TINY, WAIT, launch, logs, result, submit  # noq
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # two runs, about two minutes here: OMNIFM_SLOW=1 runs it
 def test_a_resumed_flower_run_continues_exactly(tmp_path):
     """FedPer (a private head on every node) for one round, then a new run with
     resume=true and two rounds: the server continues from server.pt and each node from
