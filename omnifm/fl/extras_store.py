@@ -13,6 +13,7 @@ Checkpoints do not gather the spilled extras into memory: `snapshot()` hard-link
 copies) each client's file into `<out_dir>/extras/r<round>/` and the checkpoint names it;
 resuming reads them back lazily.
 """
+import contextlib
 import os
 import shutil
 import tempfile
@@ -84,6 +85,15 @@ class ExtrasStore:
                 path = os.path.join(self.dir, f"client{cid:06d}.pt")
                 _write(path, cid, victim.extra)
                 victim.extra = OnDisk(path)
+
+    @contextlib.contextmanager
+    def holding(self, client):
+        """use(client) for the block, release(client) after it (also when it raises)."""
+        self.use(client)
+        try:
+            yield
+        finally:
+            self.release(client)
 
     def bytes_in_memory(self):
         return sum(tensor_bytes(c.extra) for c in self.clients.values() if not isinstance(c.extra, OnDisk))

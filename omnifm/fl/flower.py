@@ -241,6 +241,23 @@ def _node(message, context, round_idx=None):
     return sim, client
 
 
+def _train(message, context, round_idx=None, global_arrays=None):
+    """(sim, client, update) of this node's training in a round: DP applied before
+    anything leaves the node (same seed as Simulation.run_round), the client's private
+    state kept. round_idx and global_arrays (the shared weights in sim.global_state's
+    order): a secure round's, which its FitIns carries instead of our records."""
+    sim, client = _node(message, context, round_idx)
+    if global_arrays is not None:
+        sim.global_state = {k: torch.tensor(a) for k, a in zip(sim.global_state, global_arrays)}
+    r = int(message.content["config"]["round"]) if round_idx is None else round_idx
+    ctx = sim.context(r, client.cid)
+    update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)
+    if sim.privacy is not None:
+        update = sim.privacy.privatize(update, sim.global_state, ctx.seed + 7)
+    _keep(context, client, r)
+    return sim, client, update
+
+
 def _keep(context, client, round_idx):
     for key in [k for k in context.state.array_records if k.startswith("extra.")]:
         del context.state[key]
@@ -302,14 +319,8 @@ def make_client_app():
     def train(message: Message, context: Context) -> Message:
         if is_secure_round(message):
             clip = float(config_from(context.run_config)[1]["secagg_clip"])
-            return secure_train(message, lambda r: _node(message, context, r),
-                                lambda client, r: _keep(context, client, r), clip)
-        sim, client = _node(message, context)
-        ctx = sim.context(int(message.content["config"]["round"]), client.cid)
-        update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)
-        if sim.privacy is not None:  # before anything leaves the node (same seed as Simulation.run_round)
-            update = sim.privacy.privatize(update, sim.global_state, ctx.seed + 7)
-        _keep(context, client, ctx.round)
+            return secure_train(message, lambda r, arrays: _train(message, context, r, arrays), clip)
+        _, _, update = _train(message, context)
         return Message(update_to_records(update), reply_to=message)
 
     @app.evaluate()

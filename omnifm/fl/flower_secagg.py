@@ -129,20 +129,13 @@ def is_secure_round(message):
     return "fitins.parameters" in message.content.array_records
 
 
-def secure_train(message, node, keep, clip):
+def secure_train(message, train, clip):
     """Train on a secure round's FitIns; reply with this node's weight change (and its
     loss as one more entry: both come out of SecAgg+ as sample-weighted means), which
-    secaggplus_mod masks before it leaves the node. node(round) -> (sim, client)."""
+    secaggplus_mod masks before it leaves the node. train(round, global arrays) ->
+    (sim, client, update), the node's usual training."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
-    r = int(fitins.config["round"])
-    sim, client = node(r)
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    sim.global_state = {k: torch.tensor(a) for k, a in zip(sim.global_state, arrays)}
-    ctx = sim.context(r, client.cid)
-    update = sim.strategy.client_train(client, sim.model, sim.global_state, ctx)
-    if sim.privacy is not None:
-        update = sim.privacy.privatize(update, sim.global_state, ctx.seed + 7)
-    keep(client, r)
+    sim, client, update = train(int(fitins.config["round"]), parameters_to_ndarrays(fitins.parameters))
     sent = {k: (update.weights[k].double() - v.double()).numpy() for k, v in sim.global_state.items()}
     sent["loss"] = np.array([update.loss], dtype=np.float64)
     for k, d in sent.items():

@@ -2,6 +2,7 @@
 for a fixed seed. Writes one JSON line per round, and after every round an atomic
 checkpoint from which `resume=True` continues to exactly the metrics of an
 uninterrupted run."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -126,8 +127,6 @@ class RoundContext:
     bank: torch.Tensor | None
     prototype_groups: object = None  # targets -> group ids for bank uploads (None: the targets)
     deadline: float | None = None  # time.monotonic() by which local training must end (None: no limit)
-
-
 
 
 def validate_update(update, global_state, dim=None, bank_size=None):
@@ -274,14 +273,17 @@ class Simulation:
                 if not isinstance(c.extra, OnDisk):
                     self.extras.release(c)
 
+    def holding_extras(self, client):
+        """Context: client's strategy state in memory, then back under the budget."""
+        return self.extras.holding(client) if self.extras is not None else contextlib.nullcontext()
+
     def checkpoint(self):
         """Atomic: write a temporary file, then rename over the old checkpoint."""
         path = os.path.join(self.out_dir, "checkpoint.pt")
         tmp = path + ".tmp"
-        if self.extras is None:
-            torch.save(self.state_dict(), tmp)
-        else:  # the clients' extras go to a snapshot beside it, never all into memory at once
-            torch.save(self.state_dict(self.extras.snapshot(self.out_dir, self.next_round)), tmp)
+        # With a budget, the clients' extras go to a snapshot beside it, never all into memory at once.
+        files = self.extras.snapshot(self.out_dir, self.next_round) if self.extras is not None else None
+        torch.save(self.state_dict(files), tmp)
         os.replace(tmp, path)
         if self.extras is not None:
             self.extras.drop_old_snapshots(self.out_dir, self.next_round)
@@ -322,18 +324,14 @@ class Simulation:
         out = {}
         for cid in participants:
             try:
-                if self.extras is not None:
-                    self.extras.use(self.clients[cid])
-                update = self.strategy.client_train(self.clients[cid], self.model, self.global_state,
-                                                    self.context(r, cid))
+                with self.holding_extras(self.clients[cid]):
+                    update = self.strategy.client_train(self.clients[cid], self.model, self.global_state,
+                                                        self.context(r, cid))
                 if self.privacy is not None:  # on the client, before anything leaves it
                     update = self.privacy.privatize(update, self.global_state, self.context(r, cid).seed + 7)
                 out[cid] = update
             except Exception as exc:
                 out[cid] = exc
-            finally:
-                if self.extras is not None:
-                    self.extras.release(self.clients[cid])
         return out
 
     def run_round(self, r):
@@ -405,11 +403,8 @@ class Simulation:
         no client has any."""
         per_client = []
         for c in self.clients if clients is None else clients:
-            if self.extras is not None:
-                self.extras.use(c)
-            load_state(self.model, *self.strategy.eval_state(c, self.global_state))
-            if self.extras is not None:
-                self.extras.release(c)
+            with self.holding_extras(c):
+                load_state(self.model, *self.strategy.eval_state(c, self.global_state))
             if self.bank is not None:
                 self.model.set_bank(self.bank.entries)
             recalibrate_bn(self.model, c.train)

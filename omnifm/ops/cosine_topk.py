@@ -28,7 +28,13 @@ EPS = 1e-12
 
 
 def inverse_norms(v):
-    return 1.0 / v.norm(dim=-1).clamp_min(EPS)
+    return inverse_of(v.norm(dim=-1))
+
+
+def inverse_of(norms):
+    """1 / max(norm, eps): the reference's expression, kept in one place (the kernels'
+    scores must match it bit for bit)."""
+    return 1.0 / norms.clamp_min(EPS)
 
 
 def cosine_topk_ref(queries, bank, k, *, n_valid=None):
@@ -149,7 +155,7 @@ def prepare_bank(bank, n_valid=None):
         if not torch.isfinite(norms).all():
             raise ValueError("bank: contains NaN or Inf in its live rows (or a row's norm overflows)")
         in_range = _norms_in_range(norms)
-        inv = 1.0 / norms.clamp_min(EPS)  # inverse_norms(live), without a second pass
+        inv = inverse_of(norms)  # inverse_norms(live), without a second pass
         unit = torch.empty(live.shape, dtype=torch.bfloat16, device=bank.device)
         for r in range(0, n_valid, PREPARE_CHUNK_ROWS):  # in cache-sized chunks: half the time
             unit[r:r + PREPARE_CHUNK_ROWS].copy_(live[r:r + PREPARE_CHUNK_ROWS] * inv[r:r + PREPARE_CHUNK_ROWS, None])
@@ -200,7 +206,7 @@ def _screened(queries, bank, k, n_valid, prepared):
         norms = queries.norm(dim=-1)
         if not prepared.in_range or not _norms_in_range(norms) or not torch.isfinite(norms).all():
             return None
-        rq = 1.0 / norms.clamp_min(EPS)  # inverse_norms(queries)
+        rq = inverse_of(norms)  # inverse_norms(queries)
         q_unit = (queries * rq[:, None]).to(torch.bfloat16)
     return torch.ops.omnifm.cosine_topk_screened(queries, bank, q_unit, rq, prepared.unit, prepared.inv_norms,
                                                  k, n_valid, screen_bound(queries.shape[1]))
