@@ -5,4 +5,9 @@
 TORCH_LIBRARY_FRAGMENT(omnifm, m) {
   m.def("eca_core(Tensor r, Tensor at, Tensor vp) -> Tensor");
   m.def("eca_core_backward(Tensor grad, Tensor r, Tensor at, Tensor vp) -> (Tensor, Tensor, Tensor)");
+  // y = x + ECA(x^T, protos, wq, wk, wv, value_bias)^T for channel-first tokens x (B, d, L).
+  m.def("eca_residual(Tensor x, Tensor protos, Tensor wq, Tensor wk, Tensor wv, Tensor? value_bias) -> Tensor");
+  m.def(
+      "eca_residual_backward(Tensor grad, Tensor x, Tensor protos, Tensor wq, Tensor wk, Tensor wv, "
+      "Tensor? value_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -109,31 +109,32 @@ class OmniFMAdapter(nn.Module):
             return output
         if isinstance(output, tuple):  # layers that return (hidden, extras), e.g. older transformers blocks
             return (self._fuse(module, inputs, output[0]), *output[1:])
-        protos = self._state[1]
+        protos = self._state[1].to(output.dtype)
         if self.mode == "spatial":
-            B, d, h, w = output.shape
-            r = output.flatten(2).transpose(1, 2)  # (B, h*w, d), a view
+            return self._fuse_spatial(output, protos)
+        if isinstance(self.fusion, ECAFusion):  # W_z folded into the k values
+            z = self.fusion(output, protos, out_weight=self.proj.weight)
         else:
-            r = output
-        protos = protos.to(r.dtype)
-        # The spatial suffix term (mean of the prompts, at every position) rides on the
-        # values with W_z: A (V W_z^T + c) = Z W_z^T + c as each row of A sums to 1.
-        c = self.suffix.mean(0) if self.psp and self.mode == "spatial" else None
-        if isinstance(self.fusion, ECAFusion):  # W_z (and c) folded into the k values
-            z = self.fusion(r, protos, out_weight=self.proj.weight, out_bias=c)
-        else:
-            z = self.proj(self.fusion(r, protos))
-            z = z if c is None else z + c
-        if self.mode == "spatial":
-            # r + z in the backbone's (B, d, h, w) layout: z^T is channel-first already
-            # when the ECA core returns a transposed view (no copy, one pass).
-            fused = output + z.transpose(1, 2).reshape(B, d, h, w)
-            # Hand the next layer the memory format it had: a channels-last input would
-            # switch every later convolution (and its backward) to other, here slower, kernels.
-            return fused.contiguous() if output.is_contiguous() else fused
+            z = self.proj(self.fusion(output, protos))
         if self.psp:  # sequence PSP: [prefix Z | tokens | suffix prompts]
-            return torch.cat([z, r, self.suffix.expand(r.shape[0], -1, -1)], dim=1)
-        return r + z
+            return torch.cat([z, output, self.suffix.expand(output.shape[0], -1, -1)], dim=1)
+        return output + z
+
+    def _fuse_spatial(self, output, protos):
+        """output + Z W_z^T + c at every position of the (B, d, h, w) feature map."""
+        # The suffix term (mean of the prompts, at every position) rides on the values
+        # with W_z: A (V W_z^T + c) = Z W_z^T + c as each row of A sums to 1.
+        c = self.suffix.mean(0) if self.psp else None
+        tokens = output.flatten(2)  # (B, d, h*w): channel-first tokens, a view
+        if isinstance(self.fusion, ECAFusion):  # one op in this layout, W_z and c in the k values
+            fused = self.fusion.residual(tokens, protos, out_weight=self.proj.weight, out_bias=c)
+        else:
+            z = self.proj(self.fusion(tokens.transpose(1, 2), protos))
+            fused = tokens + (z if c is None else z + c).transpose(1, 2)
+        fused = fused.reshape(output.shape)
+        # Hand the next layer the memory format it had: a channels-last input would
+        # switch every later convolution (and its backward) to other, here slower, kernels.
+        return fused.contiguous() if output.is_contiguous() else fused
 
     def alignment_loss(self):
         """SPAlign of the last forward: ||s - mean_k Sg||^2 averaged over the batch."""

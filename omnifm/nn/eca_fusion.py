@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import eca_attention
+from ..ops import eca_attention, eca_residual
 
 
 class ECAFusion(nn.Module):
@@ -35,8 +35,15 @@ class ECAFusion(nn.Module):
         Z out_weight^T + out_bias (B, L, out), computed as attention over the k values
         already mapped (protos Wv out_weight^T + out_bias: the attention weights of a
         token sum to 1), so k rows go through the extra product and sum instead of L."""
-        wv = self.wv if out_weight is None else self.wv @ out_weight.transpose(0, 1)
-        return eca_attention(r, protos, self.wq, self.wk, wv, value_bias=out_bias)
+        return eca_attention(r, protos, self.wq, self.wk, self._values(out_weight), value_bias=out_bias)
+
+    def residual(self, x, protos, out_weight=None, out_bias=None):
+        """x + (Z out_weight^T + out_bias)^T for channel-first tokens x (B, dim, L) (a
+        feature map, flattened); the mapped Z must have x's width."""
+        return eca_residual(x, protos, self.wq, self.wk, self._values(out_weight), value_bias=out_bias)
+
+    def _values(self, out_weight):
+        return self.wv if out_weight is None else self.wv @ out_weight.transpose(0, 1)
 
     def extra_repr(self):
         return f"dim={self.wq.shape[0]}, head_dim={self.wq.shape[1]}"

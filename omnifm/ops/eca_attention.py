@@ -25,6 +25,7 @@ from . import _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
 
 OP = "eca_core"
+RESIDUAL_OP = "eca_residual"
 
 
 def eca_attention_ref(r, protos, wq, wk, wv, *, value_bias=None):
@@ -45,8 +46,9 @@ def eca_core_ref(r, at, vp):
     return (vp.transpose(1, 2) @ torch.softmax(at @ r.transpose(1, 2), dim=1)).transpose(1, 2)
 
 
-def _validate(r, protos, wq, wk, wv):
-    check_tensor(r, "r", ndim=3)
+def _validate(r, protos, wq, wk, wv, value_width=None, r_name="r", value_bias=None):
+    """value_width: wv's columns (None: the head dimension of wq)."""
+    check_tensor(r, r_name, ndim=3)
     check_tensor(protos, "protos", ndim=3)
     B, _, d = r.shape
     if protos.shape[0] != B or protos.shape[2] != d:
@@ -58,8 +60,11 @@ def _validate(r, protos, wq, wk, wv):
     if dh < 1:
         raise ValueError("wq: head dimension must be at least 1")
     check_tensor(wk, "wk", shape=(d, dh))
-    check_tensor(wv, "wv", shape=(d, dh))
-    named = dict(r=r, protos=protos, wq=wq, wk=wk, wv=wv)
+    check_tensor(wv, "wv", shape=(d, dh if value_width is None else value_width))
+    named = {r_name: r, "protos": protos, "wq": wq, "wk": wk, "wv": wv}
+    if value_bias is not None:
+        check_tensor(value_bias, "value_bias", shape=(wv.shape[1],))
+        named["value_bias"] = value_bias
     check_same_device(**named)
     check_same_dtype(**named)
 
@@ -105,11 +110,13 @@ def backend_checks(dev, dtype, needs_grad=False, width=None):
 def eca_attention(r, protos, wq, wk, wv, *, value_bias=None):
     """ECA cross-attention; see module doc. Output dtype = r's dtype; the layout may be
     a transposed view (call .contiguous() before .view())."""
-    _validate(r, protos, wq, wk, wv)
-    if value_bias is not None:
-        check_tensor(value_bias, "value_bias", shape=(wv.shape[1],))
-        check_same_device(r=r, value_bias=value_bias)
-        check_same_dtype(r=r, value_bias=value_bias)
+    _validate(r, protos, wq, wk, wv, value_bias=value_bias)
+    return _dispatched(r, protos, wq, wk, wv, value_bias)
+
+
+def _dispatched(r, protos, wq, wk, wv, value_bias):
+    """eca_attention on validated inputs: the small projections, then the core of the
+    backend chosen for this call."""
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (r, protos, wq, wk, wv, value_bias) if t is not None)
     backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad, r.shape[-1]),
@@ -122,6 +129,28 @@ def eca_attention(r, protos, wq, wk, wv, *, value_bias=None):
     if backend == "triton":
         return torch.ops.omnifm.eca_core_triton(r, at, vp)
     return eca_core_ref(r, at, vp)
+
+
+def eca_residual_ref(x, protos, wq, wk, wv, *, value_bias=None):
+    """PyTorch reference of eca_residual: x + ECA(x^T)^T."""
+    return x + eca_attention_ref(x.transpose(1, 2), protos, wq, wk, wv, value_bias=value_bias).transpose(1, 2)
+
+
+def eca_residual(x, protos, wq, wk, wv, *, value_bias=None):
+    """y = x + ECA(x^T, protos, wq, wk, wv, value_bias)^T for channel-first tokens x
+    (B, d, L), e.g. a CNN feature map (B, d, h, w) flattened; wv (d, d), so Z has x's
+    width. Output (B, d, L), x's dtype.
+
+    On CPU with the extension this is one compiled call each way (projections, logits,
+    softmax over the k keys, values and the residual add as batched products in this
+    layout); elsewhere it is x + eca_attention(x^T, ...)^T, with that op's own dispatch."""
+    check_tensor(x, "x", ndim=3)
+    r = x.transpose(1, 2)
+    _validate(r, protos, wq, wk, wv, value_width=x.shape[1], r_name="x", value_bias=value_bias)  # Z: x's width
+    if x.device.type == "cpu" and _backend.forced_backend() in (None, "ext") \
+            and x.dtype in (torch.float32, torch.float64) and _backend.ext_status(RESIDUAL_OP, "cpu") is None:
+        return torch.ops.omnifm.eca_residual(x, protos, wq, wk, wv, value_bias)
+    return x + _dispatched(r, protos, wq, wk, wv, value_bias).transpose(1, 2)
 
 
 # --- registration: the core op of each fused backend, its fake and its backward.
@@ -171,3 +200,30 @@ def _register(name, backward_name):
 _register("eca_core_triton", "eca_core_backward_triton")
 if _backend.ext_status(OP, "cpu") is None:
     _register("eca_core", "eca_core_backward")
+
+
+def _fake_residual(x, protos, wq, wk, wv, value_bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_residual_backward(grad, x, protos, wq, wk, wv, value_bias):
+    g_bias = x.new_empty(0) if value_bias is None else torch.empty_like(value_bias)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(protos),
+            torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv), g_bias)
+
+
+def _setup_residual(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.value_bias = inputs[5]  # saved apart: save_for_backward takes no None
+
+
+def _residual_backward(ctx, grad):
+    x, protos, wq, wk, wv = ctx.saved_tensors
+    *grads, g_bias = torch.ops.omnifm.eca_residual_backward(grad, x, protos, wq, wk, wv, ctx.value_bias)
+    return (*grads, None if ctx.value_bias is None else g_bias)
+
+
+if _backend.ext_status(RESIDUAL_OP, "cpu") is None:
+    torch.library.register_fake("omnifm::eca_residual")(_fake_residual)
+    torch.library.register_fake("omnifm::eca_residual_backward")(_fake_residual_backward)
+    torch.library.register_autograd("omnifm::eca_residual", _residual_backward, setup_context=_setup_residual)

@@ -64,11 +64,13 @@ def _validate(x, params, size):
     check_same_dtype(**named)
 
 
-# CPU crossover (python bench/bench_crossover.py, 2-core VM, 2026-11-29): for an x of fewer
-# elements (B*C*H*W) than this, the reference backend's batched PyTorch beats ext, whose
-# per-sample tasks and recomputing backward carry a fixed cost (about 0.4 ms forward,
-# 1 ms backward). Forward-only calls cross early; calls that record gradients late.
-CPU_EXT_MIN_ELEMENTS = {False: 3 << 15, True: 3 << 19}  # {records gradients: elements of x}: 96 Ki, 1.5 Mi
+# CPU crossover (python bench/bench_crossover.py, 2-core VM, 2026-11-30, after the backward
+# moved into C++): for an x of fewer elements (B*C*H*W) than this, the reference
+# backend's batched PyTorch is not slower than ext at every measured size. Forward-only
+# calls: ext wins from 1.6 Mi (below, large batches of small images go either way);
+# training: the reference keeps its forward's activations while ext recomputes them, so
+# ext wins only where the DFT dominates (B=1, or 224-px images) and everywhere from 4.8 Mi.
+CPU_EXT_MIN_ELEMENTS = {False: 1605632, True: 4816896}  # {records gradients: elements of x}
 
 
 def _ext_check(dev, cd, numel, needs_grad):
@@ -109,8 +111,9 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     return out.to(out_dtype)
 
 
-# --- registration: fake kernel and the analytic backward, shared by the compiled op
-# and the Triton op. The backward recomputes the forward in the matrix form.
+# --- registration: fake kernels and backwards. The Triton op's backward recomputes the
+# forward in the matrix form in PyTorch; the compiled op's runs in C++ in one call
+# (omnifm::spectral_token_backward, the same math).
 
 @torch.library.custom_op("omnifm::spectral_token_triton", mutates_args=())
 def _spectral_token_triton(x: torch.Tensor, mix_weight: torch.Tensor, freq_embed: torch.Tensor,
@@ -128,6 +131,13 @@ def _fake(x, mix_weight, freq_embed, w1, b1, w2, b2, size):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
     ctx.size = inputs[7]
+
+
+def _grad_x(ctx, x, g_s):
+    """dL/dx from dL/d(log-magnitude window) g_s (B, C, K, K), when x needs it."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    return magnitude_grad(x.to(g_s.dtype), ctx.size, g_s, log=True).to(x.dtype)
 
 
 def _backward(ctx, grad):
@@ -160,11 +170,25 @@ def _backward(ctx, grad):
         "w1": g_h1.t() @ f, "b1": g_h1.sum(0),
         "mix_weight": g_f.t() @ bins, "freq_embed": g_f.view(B, kk, -1).sum(0),
     }
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        g_s = (g_f @ mix_weight).view(B, kk, C).transpose(1, 2).reshape(mag.shape)  # (B, C, K, K)
-        grad_x = magnitude_grad(x.to(cd), size, g_s, log=True).to(x.dtype)
-    return (grad_x, *(grads[n] for n in PARAM_NAMES), None)
+    g_s = (g_f @ mix_weight).view(B, kk, C).transpose(1, 2).reshape(mag.shape) if ctx.needs_input_grad[0] else None
+    return (_grad_x(ctx, x, g_s), *(grads[n] for n in PARAM_NAMES), None)
 
 
-_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context)
+def _ext_backward(ctx, grad):
+    x, *params = ctx.saved_tensors
+    *grads, g_s = torch.ops.omnifm.spectral_token_backward(grad.contiguous(), x, *params, ctx.size,
+                                                           ctx.needs_input_grad[0])
+    return (_grad_x(ctx, x, g_s), *grads, None)
+
+
+def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, grad_bins):
+    g_s = x.new_empty(x.shape[0], x.shape[1], size, size) if grad_bins else x.new_empty(0)
+    return (*(torch.empty_like(p) for p in (mix_weight, freq_embed, w1, b1, w2, b2)), g_s)
+
+
+torch.library.register_fake("omnifm::spectral_token_triton")(_fake)
+torch.library.register_autograd("omnifm::spectral_token_triton", _backward, setup_context=_setup_context)
+if _backend.ext_status(OP, "cpu") is None:
+    torch.library.register_fake("omnifm::spectral_token")(_fake)
+    torch.library.register_fake("omnifm::spectral_token_backward")(_fake_ext_backward)
+    torch.library.register_autograd("omnifm::spectral_token", _ext_backward, setup_context=_setup_context)

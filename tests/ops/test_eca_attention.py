@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnifm.ops import eca_attention, eca_attention_ref, spalign_loss
+from omnifm.ops import eca_attention, eca_attention_ref, eca_residual, eca_residual_ref, spalign_loss
 from tests.helpers import FLOOR, fast_backends, forced, relerr
 
 BACKENDS = fast_backends("eca_core")
@@ -28,7 +28,7 @@ def oracle(r, protos, wq, wk, wv, value_bias=None):
     keys, vals = protos @ wk, protos @ wv  # (B, k, dh)
     if value_bias is not None:
         vals = vals + value_bias.detach().double().cpu()
-    out = torch.empty(r.shape[0], r.shape[1], wq.shape[1], dtype=torch.float64)
+    out = torch.empty(r.shape[0], r.shape[1], wv.shape[1], dtype=torch.float64)
     for b in range(r.shape[0]):
         q = r[b] @ wq  # (L, dh)
         logits = torch.stack([(q * keys[b, j]).sum(1) for j in range(keys.shape[1])], 1) / math.sqrt(wq.shape[1])
@@ -358,3 +358,111 @@ def test_triton_dots_are_ieee():
     for call in dots:
         precision = {kw.arg: kw.value for kw in call.keywords}.get("input_precision")
         assert isinstance(precision, ast.Constant) and precision.value == "ieee", f"line {call.lineno}"
+
+
+# --- eca_residual: x + ECA(x^T)^T for channel-first tokens (the adapter's spatial mode).
+
+RESIDUAL_NAMES = ("x", "protos", "wq", "wk", "wv", "value_bias")
+HAS_RESIDUAL_EXT = ("ext", "cpu") in fast_backends("eca_residual")
+
+
+def residual_inputs(B, L, d, dh, k, seed=0, dtype=torch.float64, scale=1.0, bias=True, **_):
+    r, protos, wq, wk, _wv = make_inputs(B, L, d, dh, k, seed=seed, dtype=dtype, scale=scale)
+    g = torch.Generator().manual_seed(seed + 11)
+    wv = (torch.randn(d, d, generator=g, dtype=torch.float64) * d ** -0.5).to(dtype)
+    b = (torch.randn(d, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    return [r.transpose(1, 2).contiguous(), protos, wq, wk, wv, b]
+
+
+def residual_oracle(x, protos, wq, wk, wv, value_bias):
+    return x.double() + oracle(x.transpose(1, 2), protos, wq, wk, wv, value_bias).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+@given(case=eca_cases(), dtype=st.sampled_from([torch.float32, torch.float64]), bias=st.booleans())
+@settings(max_examples=25)
+def test_eca_residual_matches_oracle(backend, case, dtype, bias):
+    """The dispatched op (ext: one compiled call) against the loop oracle, any L, d, k."""
+    if backend == "ext" and not HAS_RESIDUAL_EXT:
+        pytest.skip("ext not available here")
+    inputs64 = residual_inputs(**case, bias=bias)
+    inputs = [None if t is None else t.to(dtype) for t in inputs64]
+    with forced(backend):
+        out = eca_residual(*inputs[:5], value_bias=inputs[5])
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    want = residual_oracle(*inputs64)
+    low = eca_residual_ref(*inputs[:5], value_bias=inputs[5])
+    assert relerr(out, want) <= 3 * relerr(low, want) + FLOOR[dtype] * 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+@given(case=eca_cases(max_l=40), bias=st.booleans())
+@settings(max_examples=15)
+def test_eca_residual_backward_matches_reference(backend, case, bias):
+    """Gradients of x (the residual path plus the attention's), protos, wq, wk, wv and
+    the bias against autograd through the float64 reference."""
+    if backend == "ext" and not HAS_RESIDUAL_EXT:
+        pytest.skip("ext not available here")
+    base = residual_inputs(**case, bias=bias)
+    names = [n for n, t in zip(RESIDUAL_NAMES, base) if t is not None]
+    fast = [t.clone().requires_grad_() for t in base if t is not None]
+    ref = [t.clone().requires_grad_() for t in base if t is not None]
+    pad = lambda ts: (*ts[:5], ts[5] if len(ts) > 5 else None)
+    with forced(backend):
+        out = eca_residual(*pad(fast)[:5], value_bias=pad(fast)[5])
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    out.backward(g)
+    eca_residual_ref(*pad(ref)[:5], value_bias=pad(ref)[5]).backward(g)
+    assert_grads_match(names, fast, ref, g, 1e-9)
+
+
+def test_eca_residual_gradcheck_ext():
+    if not HAS_RESIDUAL_EXT:
+        pytest.skip("ext not available here")
+    inputs = [t.requires_grad_() for t in residual_inputs(2, 7, 5, 4, 3, seed=1)]
+    with forced("ext"):
+        assert torch.autograd.gradcheck(lambda *a: eca_residual(*a[:5], value_bias=a[5]), inputs)
+
+
+def test_eca_residual_opcheck():
+    if not HAS_RESIDUAL_EXT:
+        pytest.skip("ext not available here")
+    for bias in (True, False):
+        x, protos, wq, wk, wv, b = residual_inputs(2, 19, 12, 8, 3, dtype=torch.float32, bias=bias)
+        args = [t.requires_grad_() for t in (x, protos, wq, wk, wv)] + [None if b is None else b.requires_grad_()]
+        torch.library.opcheck(torch.ops.omnifm.eca_residual, tuple(args))
+        grad = torch.randn_like(x)
+        torch.library.opcheck(torch.ops.omnifm.eca_residual_backward,
+                              (grad, *(None if t is None else t.detach() for t in args)))
+
+
+def test_eca_residual_dispatch_and_compile():
+    """CPU with the extension: one compiled call (not the composition through
+    eca_attention's dispatch); forcing the reference composes; torch.compile traces it."""
+    module = importlib.import_module("omnifm.ops.eca_attention")
+    inputs = [t.float().requires_grad_() for t in residual_inputs(2, 9, 8, 6, 2)]
+    with mock.patch.object(module, "_dispatched", wraps=module._dispatched) as composed:
+        eager = eca_residual(*inputs[:5], value_bias=inputs[5])
+        assert composed.call_count == (0 if HAS_RESIDUAL_EXT else 1)
+        with forced("reference"):
+            eca_residual(*inputs[:5], value_bias=inputs[5])
+        assert composed.call_count == (1 if HAS_RESIDUAL_EXT else 2)
+    compiled = torch.compile(lambda *a: eca_residual(*a[:5], value_bias=a[5]), fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.sum().backward()
+    assert relerr(out, eager) < 1e-6
+    assert all(t.grad is not None for t in inputs)
+
+
+def test_eca_residual_errors_name_the_argument():
+    x, protos, wq, wk, wv, b = residual_inputs(2, 5, 6, 4, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="wv"):
+        eca_residual(x, protos, wq, wk, wv[:, :5], value_bias=b)
+    with pytest.raises(ValueError, match="x"):
+        eca_residual(x[0], protos, wq, wk, wv, value_bias=b)
+    with pytest.raises(ValueError, match="protos"):
+        eca_residual(x, protos[:1], wq, wk, wv, value_bias=b)
+    with pytest.raises(ValueError, match="value_bias"):
+        eca_residual(x, protos, wq, wk, wv, value_bias=b[:3])
+    with pytest.raises(TypeError, match="dtype|float"):
+        eca_residual(x.double(), protos, wq, wk, wv, value_bias=b)

@@ -18,9 +18,10 @@ TRITON_DIR = pathlib.Path(omnifm.__file__).parent / "ops" / "triton"
 # Tiles and chunks the fast paths split the work into, and the shapes that cross them.
 TILE = 16  # the smallest Triton tile (tl.dot needs >= 16); small_tiles() sets every tile to it
 CROSS = (2 * TILE + 1, 3 * TILE - 1)  # > 2 tiles, ragged last tile
-CHUNK_THREADS = 2
-# The C++ kernels give each task max(1, B // (2 * threads)) samples of a small image:
-# with 2 threads these batches make chunks of 2, 2 and 3 with a ragged last chunk of 1.
+# The C++ kernels loop over chunks of samples (as many as fit about 1 MiB, so a small
+# batch is one chunk); crossing() sets chunks of CHUNK_SAMPLES, and these batches then
+# end in a ragged last chunk of 1.
+CHUNK_SAMPLES = 2
 CHUNKED_BATCHES = (9, 11, 13)
 
 
@@ -40,20 +41,17 @@ def small_tiles():
 
 
 @contextlib.contextmanager
-def chunking_threads():
-    """Pin the thread count the C++ chunk size depends on (see CHUNKED_BATCHES)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(CHUNK_THREADS)
-    try:
+def small_chunks():
+    """C++ chunks of CHUNK_SAMPLES samples (see CHUNKED_BATCHES)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNIFM_CPU_CHUNK_SAMPLES", str(CHUNK_SAMPLES))
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
 def crossing(backend):
     """Forced backend with its tiles (Triton) or chunks (C++) small enough to cross."""
-    with forced(backend), (small_tiles() if backend == "triton" else chunking_threads()):
+    with forced(backend), (small_tiles() if backend == "triton" else small_chunks()):
         yield
 
 

@@ -1,8 +1,12 @@
 #include "dft_window.h"
 
-#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace omnifm {
@@ -26,9 +30,7 @@ void fill_basis(std::vector<double>& cos_out, std::vector<double>& sin_out,
   }
 }
 
-}  // namespace
-
-HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarType dtype) {
+HalfWindowBases make_half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarType dtype) {
   const int64_t half = K / 2;
   std::vector<int64_t> row_freqs, col_freqs;
   for (int64_t u = -half; u <= half; ++u) row_freqs.push_back(u);
@@ -50,34 +52,53 @@ HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarTyp
   return {rows.to(dtype), cols_t.t().contiguous().to(dtype), nr, nc};
 }
 
+}  // namespace
+
+HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarType dtype) {
+  // The bases cost ~1,000 sin/cos per call, more than a small batch's DFT; a training
+  // run uses one or two shapes, so the last few are kept (never freed at exit, so no
+  // tensor outlives libtorch's own statics). Read-only once built: safe to share.
+  using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType>;
+  static std::mutex mutex;
+  static auto* cache = new std::map<Key, HalfWindowBases>();
+  const Key key{H, W, K, dtype};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (cache->size() >= 16) cache->clear();
+  return cache->emplace(key, make_half_window_bases(H, W, K, dtype)).first->second;
+}
+
 int64_t samples_per_task(int64_t B, int64_t bytes_per_sample) {
+  // OMNIFM_CPU_CHUNK_SAMPLES=n (tests) sets the chunk, so small batches cross chunks.
+  if (const char* forced = std::getenv("OMNIFM_CPU_CHUNK_SAMPLES")) {
+    const int64_t n = std::atoll(forced);
+    if (n >= 1) return std::min(std::max<int64_t>(1, B), n);
+  }
   const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, bytes_per_sample));
-  const int64_t by_threads = std::max<int64_t>(1, B / (2 * at::get_num_threads()));
-  return std::max<int64_t>(1, std::min(by_cache, by_threads));
+  return std::min(std::max<int64_t>(1, B), by_cache);
+}
+
+at::Tensor window_parts(const at::Tensor& planes, const HalfWindowBases& b) {
+  const int64_t N = planes.size(0), H = planes.size(1), W = planes.size(2);
+  // Stage 1 reads the planes once: (N*H, W) @ (W, 2*nc).
+  at::Tensor y = at::mm(planes.reshape({N * H, W}), b.cols).view({N, H, 2 * b.nc});
+  // Stage 2: (2*nr, H) @ (H, 2*nc) per plane.
+  return at::matmul(b.rows, y).contiguous();
 }
 
 at::Tensor window_magnitude(const at::Tensor& planes, const HalfWindowBases& b, int64_t K) {
-  const int64_t C = planes.size(0), H = planes.size(1), W = planes.size(2);
-  const int64_t nr = b.nr, nc = b.nc, half = K / 2;
-  // Stage 1 reads the planes once: (C*H, W) @ (W, 2*nc).
-  at::Tensor y = at::mm(planes.reshape({C * H, W}), b.cols).view({C, H, 2 * nc});
-  // Stage 2: (2*nr, H) @ (H, 2*nc) per plane.
-  at::Tensor z = at::matmul(b.rows, y);
-  using at::indexing::Slice;
-  at::Tensor ch_p = z.index({Slice(), Slice(0, nr), Slice(0, nc)});
-  at::Tensor ch_q = z.index({Slice(), Slice(0, nr), Slice(nc, 2 * nc)});
-  at::Tensor sh_p = z.index({Slice(), Slice(nr, 2 * nr), Slice(0, nc)});
-  at::Tensor sh_q = z.index({Slice(), Slice(nr, 2 * nr), Slice(nc, 2 * nc)});
-  at::Tensor re = ch_p - sh_q;
-  at::Tensor im = ch_q + sh_p;
-  at::Tensor mag = at::sqrt(re * re + im * im);  // (C, nr, nc); row index = u + half
-  // Window column j has v = j - half. v >= 0: row u + half, column v.
-  at::Tensor right = mag.index({Slice(), Slice(0, K), Slice(0, K - half)});
-  if (half == 0) return right.contiguous();
-  // v < 0: mirror (u, v) -> (-u, -v): rows 2*half - i, columns half - j, both reversed.
-  at::Tensor left = mag.index({Slice(), Slice(2 * half - K + 1, 2 * half + 1), Slice(1, half + 1)})
-                        .flip({1, 2});
-  return at::cat({left, right}, 2);
+  const int64_t N = planes.size(0);
+  const at::Tensor z = window_parts(planes, b);
+  at::Tensor mag = at::empty({N, K, K}, planes.options());
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "window_magnitude", [&] {
+    const WindowIndex<scalar_t> w{z.data_ptr<scalar_t>(), b.nr, b.nc, K};
+    scalar_t* out = mag.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) *out++ = w.magnitude(n, i, j);
+  });
+  return mag;
 }
 
 }  // namespace cpu

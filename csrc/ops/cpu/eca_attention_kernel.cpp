@@ -189,9 +189,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_core_backward_cpu(const at::T
   return {dr, da, dvp};
 }
 
+// --- eca_residual: y = x + Z^T for channel-first tokens x (B, d, L) (a CNN's feature
+// map, flattened), Z = ECA(x^T, protos, wq, wk, wv, value_bias) with wv (d, d). The
+// logits and values have only k rows per sample, so the whole op, its projections
+// and its backward are a few batched products in this layout (L is the contiguous
+// axis); one call each way replaces ~15 PyTorch ops and their autograd nodes, which
+// cost more than the arithmetic at a small backbone's sizes.
+namespace {
+
+struct Residual {
+  at::Tensor kq, at_, vp, p;  // protos Wk (B,k,dh); at = kq Wq^T / sqrt(dh) (B,k,d); values (B,k,d); softmax (B,k,L)
+};
+
+void check_residual(const at::Tensor& x, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+                    const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "x: expected (B, d, L)");
+  const int64_t B = x.size(0), d = x.size(1);
+  TORCH_CHECK_VALUE(protos.dim() == 3 && protos.size(0) == B && protos.size(2) == d && protos.size(1) >= 1,
+                    "protos: expected (B, k >= 1, d) matching x");
+  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.size(0) == d && wq.size(1) >= 1, "wq: expected (d, dh)");
+  TORCH_CHECK_VALUE(wk.sizes() == wq.sizes(), "wk: expected the shape of wq");
+  TORCH_CHECK_VALUE(wv.dim() == 2 && wv.size(0) == d && wv.size(1) == d, "wv: expected (d, d)");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  for (const at::Tensor* t : {&protos, &wq, &wk, &wv})
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "protos, wq, wk, wv: expected the dtype of x");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "value_bias: expected (d,)");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "value_bias: expected the dtype of x");
+  }
+}
+
+Residual residual_parts(const at::Tensor& x, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+                        const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
+  const int64_t B = protos.size(0), k = protos.size(1), d = protos.size(2);
+  Residual r;
+  r.kq = at::matmul(protos, wk);
+  r.at_ = at::matmul(r.kq, wq.t()).div_(std::sqrt(static_cast<double>(wq.size(1))));
+  r.vp = bias.has_value() ? at::addmm(*bias, protos.reshape({B * k, d}), wv).view({B, k, d}) : at::matmul(protos, wv);
+  r.p = at::softmax(at::bmm(r.at_, x), 1);  // over the k keys
+  return r;
+}
+
+}  // namespace
+
+at::Tensor eca_residual_cpu(const at::Tensor& x_in, const at::Tensor& protos, const at::Tensor& wq,
+                            const at::Tensor& wk, const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
+  check_residual(x_in, protos, wq, wk, wv, bias);
+  const at::Tensor x = x_in.contiguous();
+  const Residual r = residual_parts(x, protos, wq, wk, wv, bias);
+  return at::baddbmm(x, r.vp.transpose(1, 2), r.p);  // x + vp^T p
+}
+
+// Gradients of sum(grad * eca_residual(...)) for x, protos, wq, wk, wv and value_bias
+// (an empty tensor when there is none).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& protos, const at::Tensor& wq,
+    const at::Tensor& wk, const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
+  check_residual(x_in, protos, wq, wk, wv, bias);
+  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "grad: expected the shape of x");
+  const at::Tensor x = x_in.contiguous(), g = grad_in.to(x.scalar_type()).contiguous();
+  const Residual r = residual_parts(x, protos, wq, wk, wv, bias);
+  const int64_t B = protos.size(0), k = protos.size(1), d = protos.size(2), dh = wq.size(1);
+  const double scale = std::sqrt(static_cast<double>(dh));
+  // Through the softmax: d logits = p * (d p - sum_j p d p), d p = vp g.
+  const at::Tensor g_logits = at::_softmax_backward_data(at::bmm(r.vp, g), r.p, 1, x.scalar_type());
+  at::Tensor g_x = at::baddbmm(g, r.at_.transpose(1, 2), g_logits);  // the residual path plus at^T d logits
+  const at::Tensor g_at = at::bmm(g_logits, x.transpose(1, 2)).reshape({B * k, d});
+  const at::Tensor g_vp = at::bmm(r.p, g.transpose(1, 2)).reshape({B * k, d});
+  const at::Tensor protos2 = protos.reshape({B * k, d});
+  // at = (protos Wk) Wq^T / sqrt(dh); vp = protos Wv + b.
+  const at::Tensor g_kq = at::mm(g_at, wq).div_(scale);  // (B*k, dh)
+  at::Tensor g_wq = at::mm(g_at.t(), r.kq.reshape({B * k, dh})).div_(scale);
+  at::Tensor g_wk = at::mm(protos2.t(), g_kq);
+  at::Tensor g_wv = at::mm(protos2.t(), g_vp);
+  at::Tensor g_protos = at::addmm(at::mm(g_vp, wv.t()), g_kq, wk.t()).view({B, k, d});
+  at::Tensor g_bias = bias.has_value() ? g_vp.sum(0) : at::empty({0}, x.options());
+  return {g_x, g_protos, g_wq, g_wk, g_wv, g_bias};
+}
+
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
   m.impl("eca_core", &eca_core_cpu);
   m.impl("eca_core_backward", &eca_core_backward_cpu);
+  m.impl("eca_residual", &eca_residual_cpu);
+  m.impl("eca_residual_backward", &eca_residual_backward_cpu);
 }
 
 }  // namespace cpu
