@@ -2,6 +2,7 @@
 
     python bench/bench_eca.py                     # CPU: B=32 L=3136 d=dh=256 k=2 float32
     python bench/bench_eca.py --device cuda
+    python bench/bench_eca.py --spatial           # eca_residual: x + ECA(x^T)^T, x (B, d, L)
 
 Baselines, each given gradients for r, protos and the three weights by autograd:
 - naive eager: the three projections and F.scaled_dot_product_attention; it forms the
@@ -18,6 +19,12 @@ the script exits 1. Times forward (no grad) and forward+backward; prints ms, the
 against every baseline and the effective bandwidth of the fused algorithm's minimal
 traffic (forward: read r, write Z; backward: read r and grad, write dr), next to a
 measured copy's and the time to allocate and fill a fresh Z.
+
+--spatial times eca_residual (the adapter's spatial mode: channel-first tokens x
+(B, d, L), a CNN feature map flattened, wv (d, d), y = x + Z^T) against the same math
+in plain PyTorch in that layout (bmm over the k keys, the strongest eager form), its
+torch.compile, and the token-major path the adapter took before (transposes around
+eca_attention, whose CPU core is the fused ext kernel when recording gradients).
 """
 import argparse
 import math
@@ -31,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Failures, add_output_args, append_csv, check_answer, copy_bandwidth_gbps,  # noqa: E402
                      csv_path, device_name, forced_backend, print_table, time_ms)
 
-from omnifm.ops import _backend, eca_attention, eca_attention_ref  # noqa: E402
+from omnifm.ops import _backend, eca_attention, eca_attention_ref, eca_residual, eca_residual_ref  # noqa: E402
 from omnifm.ops.eca_attention import backend_checks  # noqa: E402
 
 RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -45,6 +52,23 @@ def naive_eager(r, protos, wq, wk, wv):
 def rank_k_eager(r, protos, wq, wk, wv):
     at = (protos @ wk) @ wq.T / math.sqrt(wq.shape[1])  # (B, k, d)
     return torch.bmm(torch.softmax(torch.bmm(r, at.transpose(1, 2)), dim=-1), protos @ wv)
+
+
+def channel_first_eager(x, protos, wq, wk, wv):
+    at = (protos @ wk) @ wq.T / math.sqrt(wq.shape[1])  # (B, k, d)
+    return torch.baddbmm(x, (protos @ wv).transpose(1, 2), torch.softmax(torch.bmm(at, x), dim=1))
+
+
+def token_major(x, protos, wq, wk, wv):
+    return x + eca_attention(x.transpose(1, 2), protos, wq, wk, wv).transpose(1, 2)
+
+
+def residual(backend):
+    def run(*inputs):
+        with forced_backend(backend):
+            return eca_residual(*inputs)
+
+    return run
 
 
 def fused(backend):
@@ -81,6 +105,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--spatial", action="store_true", help="eca_residual on channel-first tokens (B, d, L)")
     add_output_args(p)
     args = p.parse_args(argv)
     if args.k < 2:
@@ -90,20 +115,34 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     d, dh = args.dim, args.head_dim
-    base = [torch.randn(args.batch, args.tokens, d, generator=g), torch.randn(args.batch, args.k, d, generator=g)]
-    base += [torch.randn(d, dh, generator=g) * d ** -0.5 for _ in range(3)]
+    if args.spatial:
+        dh = d  # Z has x's width (wv is (d, d)); the head dimension of wq, wk may differ
+    x_shape = (args.batch, d, args.tokens) if args.spatial else (args.batch, args.tokens, d)
+    base = [torch.randn(*x_shape, generator=g), torch.randn(args.batch, args.k, d, generator=g)]
+    base += [torch.randn(d, args.head_dim, generator=g) * d ** -0.5 for _ in range(2)]
+    base += [torch.randn(d, dh, generator=g) * d ** -0.5]
     inputs = [t.to(device, dtype).requires_grad_() for t in base]
-    grad = torch.randn(args.batch, args.tokens, dh, generator=g).to(device, dtype)
-    want = outputs_and_grads(eca_attention_ref, [t.double() for t in base], grad.double().cpu())
+    grad = torch.randn(*(x_shape if args.spatial else (args.batch, args.tokens, dh)), generator=g).to(device, dtype)
+    reference = eca_residual_ref if args.spatial else eca_attention_ref
+    want = outputs_and_grads(reference, [t.double() for t in base], grad.double().cpu())
 
-    baselines = ["naive eager (proj + sdpa)", "rank-k eager"]
-    impls = {baselines[0]: naive_eager, baselines[1]: rank_k_eager}
-    if args.compile:
-        baselines.append("torch.compile(rank-k eager)")
-        impls[baselines[-1]] = torch.compile(rank_k_eager)
     fused_name = "triton" if device.type == "cuda" else "ext"
-    impls[f"omnifm {fused_name}"] = fused(fused_name)
-    impls["omnifm auto"] = fused("auto")
+    if args.spatial:
+        baselines = ["channel-first eager (bmm)"]
+        impls = {baselines[0]: channel_first_eager}
+        if args.compile:
+            baselines.append("torch.compile(channel-first eager)")
+            impls[baselines[-1]] = torch.compile(channel_first_eager)
+        impls["token-major: transposes + eca_attention (auto)"] = token_major
+        impls[f"omnifm eca_residual {fused_name}"] = residual(fused_name)
+    else:
+        baselines = ["naive eager (proj + sdpa)", "rank-k eager"]
+        impls = {baselines[0]: naive_eager, baselines[1]: rank_k_eager}
+        if args.compile:
+            baselines.append("torch.compile(rank-k eager)")
+            impls[baselines[-1]] = torch.compile(rank_k_eager)
+        impls[f"omnifm {fused_name}"] = fused(fused_name)
+        impls["omnifm auto"] = fused("auto")
 
     failures, checked = Failures(), {}
     for name, fn in impls.items():
@@ -120,7 +159,7 @@ def main(argv=None):
     size = inputs[0].element_size()
     r_bytes, z_bytes = args.batch * args.tokens * d * size, args.batch * args.tokens * dh * size
     traffic = {"forward": r_bytes + z_bytes, "forward+backward": 3 * r_bytes + 3 * z_bytes}
-    shape = f"B={args.batch} L={args.tokens} d={d} dh={dh} k={args.k} {args.dtype}"
+    shape = f"B={args.batch} L={args.tokens} d={d} dh={dh} k={args.k} {args.dtype}" + (" channel-first" if args.spatial else "")
     print(f"device: {device_name(device)}  shape: {shape}")
     print(f"copy bandwidth (read + write): {copy_bandwidth_gbps(r_bytes, device):.1f} GB/s")
     # Every implementation allocates a fresh Z (and dr): on CPU its page faults can cost
@@ -144,10 +183,11 @@ def main(argv=None):
             ms = time_ms(run, device, args.warmup, args.repeat)
             note = f"runs {auto_backend(device, dtype, mode != 'forward')}" if name == "omnifm auto" else ""
             rows.append({"impl": name, "ms": ms, "gbps": traffic[mode] / ms / 1e6, "note": note})
-        print_table(f"eca_attention {mode} ({shape}) on {device}", rows, baselines)
+        print_table(f"{'eca_residual' if args.spatial else 'eca_attention'} {mode} ({shape}) on {device}", rows,
+                    baselines)
         all_rows += [{**r, "impl": f"{mode}: {r['impl']}"} for r in rows]
     if args.csv:
-        append_csv("eca", device, shape, all_rows, path=csv_path(args))
+        append_csv("eca_residual" if args.spatial else "eca", device, shape, all_rows, path=csv_path(args))
     failures.exit_if_any()
 
 

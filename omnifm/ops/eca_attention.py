@@ -16,6 +16,14 @@ On CPU, auto dispatch runs forward-only calls (no gradient recorded) on the refe
 backend, not ext: the fused forward does not beat the PyTorch core there, while its
 backward does for tokens of width >= CPU_EXT_MIN_WIDTH (see CPU_EXT_SKIPPED).
 OMNIFM_BACKEND=ext forces it for every call.
+
+    eca_residual(x, protos, wq, wk, wv, *, value_bias=None) -> x + Z^T (B, d, L)
+
+The same attention for channel-first tokens x (B, d, L) (a CNN feature map, flattened),
+with wv (d, d) and the residual added: the adapter's spatial mode. On CPU with the
+extension it is one compiled op each way (the projections, logits, softmax over k,
+values and the add as batched products in that layout: no transposed copies of the
+feature map, one autograd node); elsewhere it composes eca_attention's dispatch.
 """
 import math
 
@@ -213,14 +221,13 @@ def _fake_residual_backward(grad, x, protos, wq, wk, wv, value_bias):
 
 
 def _setup_residual(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.value_bias = inputs[5]  # saved apart: save_for_backward takes no None
+    ctx.save_for_backward(*inputs)  # value_bias may be None
 
 
 def _residual_backward(ctx, grad):
-    x, protos, wq, wk, wv = ctx.saved_tensors
-    *grads, g_bias = torch.ops.omnifm.eca_residual_backward(grad, x, protos, wq, wk, wv, ctx.value_bias)
-    return (*grads, None if ctx.value_bias is None else g_bias)
+    x, protos, wq, wk, wv, value_bias = ctx.saved_tensors
+    *grads, g_bias = torch.ops.omnifm.eca_residual_backward(grad, x, protos, wq, wk, wv, value_bias)
+    return (*grads, None if value_bias is None else g_bias)
 
 
 if _backend.ext_status(RESIDUAL_OP, "cpu") is None:

@@ -56,8 +56,9 @@ HalfWindowBases make_half_window_bases(int64_t H, int64_t W, int64_t K, at::Scal
 
 HalfWindowBases half_window_bases(int64_t H, int64_t W, int64_t K, at::ScalarType dtype) {
   // The bases cost ~1,000 sin/cos per call, more than a small batch's DFT; a training
-  // run uses one or two shapes, so the last few are kept (never freed at exit, so no
-  // tensor outlives libtorch's own statics). Read-only once built: safe to share.
+  // run uses one or two shapes, so up to 16 are kept. The map is never destroyed, so
+  // no tensor destructor runs at exit after libtorch's own statics. Callers only read
+  // the bases, so sharing them across calls and threads is safe.
   using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType>;
   static std::mutex mutex;
   static auto* cache = new std::map<Key, HalfWindowBases>();
