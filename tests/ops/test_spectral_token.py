@@ -206,6 +206,22 @@ def test_opcheck(qualname):
     torch.library.opcheck(op, (*inputs, 6))
 
 
+@pytest.mark.parametrize("grad_bins", [True, False])
+def test_opcheck_ext_backward(grad_bins):
+    """The compiled backward as an op of its own (fake kernel, schema, dispatch); with
+    grad_bins=False its last output is empty and the parameters' gradients are unchanged."""
+    if "ext" not in dict(BACKENDS):
+        pytest.skip("ext not available here")
+    x, *params = make_inputs(3, 2, 12, 10, 6, 5, 7, 9, dtype=torch.float32)
+    grad = torch.randn(3, 9, generator=torch.Generator().manual_seed(4))
+    torch.library.opcheck(torch.ops.omnifm.spectral_token_backward, (grad, x, *params, 6, grad_bins))
+    *grads, g_s = torch.ops.omnifm.spectral_token_backward(grad, x, *params, 6, grad_bins)
+    assert g_s.shape == ((3, 2, 6, 6) if grad_bins else (0,))
+    *other, _ = torch.ops.omnifm.spectral_token_backward(grad, x, *params, 6, not grad_bins)
+    for a, b in zip(grads, other):
+        assert torch.equal(a, b)
+
+
 def test_token_head_is_reference_tail():
     x, *params = make_inputs(2, 2, 10, 10, 4, 3, 5, 6)
     from omnifm.ops import lowpass_spectrum_ref
