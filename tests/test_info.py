@@ -35,6 +35,12 @@ def test_backend_info_reports_every_op_and_device():
         assert info["ops"]["eca_attention"]["cpu"]["backend"] == "reference"
 
 
+def test_backend_info_says_how_eca_residual_runs():
+    note = backend_info()["notes"]["eca_attention"]
+    assert note.startswith("eca_residual")
+    assert ("one compiled call" in note) == omnifm_ext.AVAILABLE
+
+
 def test_backend_info_says_whether_cosine_topk_screens(monkeypatch):
     topk = sys.modules["omnifm.ops.cosine_topk"]
     monkeypatch.setattr(topk, "cpu_has_fast_bfloat16", lambda: False)

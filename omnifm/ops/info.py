@@ -46,7 +46,11 @@ def _notes():
         screen = (f"on for float32 calls from B >= {SCREEN_MIN_QUERIES[False]} queries and "
                   f"{SCREEN_MIN_ROWS[False]} rows (B >= {SCREEN_MIN_QUERIES[True]}, "
                   f"{SCREEN_MIN_ROWS[True]} rows with prepare_bank)")
-    return {"cosine_topk": f"cpu ext bfloat16 screen: {screen}"}
+    residual = ("cpu -> ext, one compiled call each way" if _backend.has_ext_kernel("eca_residual", "cpu")
+                else "cpu -> x + eca_attention(...) (omnifm_ext has no eca_residual kernel)")
+    return {"cosine_topk": f"cpu ext bfloat16 screen: {screen}",
+            "eca_attention": f"eca_residual (channel-first tokens, the adapter's spatial mode): {residual}; "
+                             "cuda -> x + eca_attention(...) with the Triton core"}
 
 
 def backend_info(dtype=torch.float32):
