@@ -19,16 +19,12 @@ variants, so a change in the machine's speed hits all of them alike; each varian
 time is the mean of its middle half of rounds (ms per step).
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from omnifm.fl import Simulation  # noqa: E402
-from omnifm.tasks import TASKS, config_for  # noqa: E402
+from omnifm.fl import Simulation
+from omnifm.tasks import TASKS, config_for
 
 VARIANTS = ("fedavg", "omnifm", "no tokenizer", "no fusion", "no retrieval", "no SPAlign", "bare")
 

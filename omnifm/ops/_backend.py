@@ -111,10 +111,13 @@ def choose(checks, device_type):
     raise BackendUnavailableError(f"no backend can run this call: {skipped}")
 
 
-def register_fake_and_autograd(op, fake, backward, setup_context):
+def register_fake_and_autograd(op, fake, backward, setup_context, ext_backward=None):
     """Fake kernel and autograd for omnifm::<op>_triton and, when omnifm_ext defines
-    it, for the compiled omnifm::<op> (fakes only where the extension loaded)."""
-    names = [f"omnifm::{op}_triton"] + ([f"omnifm::{op}"] if (op, "cpu") in EXT_KERNELS else [])
-    for qualname in names:
+    it, for the compiled omnifm::<op> (fakes only where the extension loaded), whose
+    backward is ext_backward when given (else the same backward)."""
+    names = {f"omnifm::{op}_triton": backward}
+    if (op, "cpu") in EXT_KERNELS:
+        names[f"omnifm::{op}"] = backward if ext_backward is None else ext_backward
+    for qualname, op_backward in names.items():
         torch.library.register_fake(qualname)(fake)
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        torch.library.register_autograd(qualname, op_backward, setup_context=setup_context)

@@ -186,9 +186,6 @@ def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, gr
     return (*(torch.empty_like(p) for p in (mix_weight, freq_embed, w1, b1, w2, b2)), g_s)
 
 
-torch.library.register_fake("omnifm::spectral_token_triton")(_fake)
-torch.library.register_autograd("omnifm::spectral_token_triton", _backward, setup_context=_setup_context)
+_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context, ext_backward=_ext_backward)
 if _backend.ext_status(OP, "cpu") is None:
-    torch.library.register_fake("omnifm::spectral_token")(_fake)
     torch.library.register_fake("omnifm::spectral_token_backward")(_fake_ext_backward)
-    torch.library.register_autograd("omnifm::spectral_token", _ext_backward, setup_context=_setup_context)

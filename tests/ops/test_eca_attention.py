@@ -404,16 +404,15 @@ def test_eca_residual_backward_matches_reference(backend, case, bias):
     if backend == "ext" and not HAS_RESIDUAL_EXT:
         pytest.skip("ext not available here")
     base = residual_inputs(**case, bias=bias)
-    names = [n for n, t in zip(RESIDUAL_NAMES, base) if t is not None]
-    fast = [t.clone().requires_grad_() for t in base if t is not None]
-    ref = [t.clone().requires_grad_() for t in base if t is not None]
-    pad = lambda ts: (*ts[:5], ts[5] if len(ts) > 5 else None)
+    leaves = lambda: [None if t is None else t.clone().requires_grad_() for t in base]
+    fast, ref = leaves(), leaves()
     with forced(backend):
-        out = eca_residual(*pad(fast)[:5], value_bias=pad(fast)[5])
+        out = eca_residual(*fast[:5], value_bias=fast[5])
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 1))
     out.backward(g)
-    eca_residual_ref(*pad(ref)[:5], value_bias=pad(ref)[5]).backward(g)
-    assert_grads_match(names, fast, ref, g, 1e-9)
+    eca_residual_ref(*ref[:5], value_bias=ref[5]).backward(g)
+    given = [i for i, t in enumerate(base) if t is not None]
+    assert_grads_match([RESIDUAL_NAMES[i] for i in given], [fast[i] for i in given], [ref[i] for i in given], g, 1e-9)
 
 
 def test_eca_residual_gradcheck_ext():
