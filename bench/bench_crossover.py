@@ -35,9 +35,9 @@ from omnifm.nn import ECAFusion, SpectralTokenizer  # noqa: E402
 from omnifm.ops import cosine_topk as cosine_topk_op  # noqa: E402
 from omnifm.ops.cosine_topk import cpu_has_fast_bfloat16, prepare_bank  # noqa: E402
 from omnifm.ops.eca_attention import CPU_EXT_MIN_WIDTH  # noqa: E402
-from omnifm.ops.spectral_token import CPU_EXT_MIN_ELEMENTS  # noqa: E402
+from omnifm.ops.spectral_token import CPU_EXT_MAX_HEAD_WORK, CPU_EXT_MIN_ELEMENTS  # noqa: E402
 
-SHAPES = [(b, c, hw) for c in (1, 3) for hw in (28, 64, 128, 224) for b in (1, 8, 32, 128)
+SHAPES = [(b, c, hw) for c in (1, 3) for hw in (28, 64, 128, 224) for b in (1, 8, 16, 32, 128)
           if b * c * hw * hw <= 32 * 3 * 224 * 224]
 
 
@@ -82,29 +82,43 @@ def token_call(tok, x, train, probe):
     return call
 
 
+def head_work(B, d, size=8, mix=16, hidden=64):
+    """Multiply-adds of the per-bin MLP head for a batch: B * K*K * h * (m + d)."""
+    return B * size * size * hidden * (mix + d)
+
+
 def token_sweep(args, failures):
-    wins = {False: [], True: []}  # (numel, ext faster) per mode
-    print(f"{'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} | {'fwd ext':>8} {'ref':>8} {'ratio':>6} | "
-          f"{'train ext':>9} {'ref':>8} {'ratio':>6}")
-    for B, C, hw in SHAPES[:2] if args.quick else SHAPES:
-        g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw)
-        tok = SpectralTokenizer(C, 8, 16, 64, 256)
-        x = torch.randn(B, C, hw, hw, generator=g)
-        probe = torch.randn(B, 256, generator=g)
-        cells = []
-        for train in (False, True):
-            ms = ext_against_reference(f"ext B={B} C={C} {hw}x{hw} {'training' if train else 'forward'}",
-                                       token_call(tok, x, train, probe), failures, args)
-            if ms is None:
-                continue
-            wins[train].append((x.numel(), ms["reference"] > ms["ext"]))
-            cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
-        print(f"{B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} | " + " | ".join(cells), flush=True)
+    rows = []  # (train, numel, head work, ext faster)
+    print(f"{'d':>4} {'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} {'head MACs':>10} | {'fwd ext':>8} {'ref':>8} "
+          f"{'ratio':>6} | {'train ext':>9} {'ref':>8} {'ratio':>6}")
+    for d in [int(v) for v in args.dims.split(",")]:
+        for B, C, hw in SHAPES[:2] if args.quick else SHAPES:
+            g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw + d)
+            tok = SpectralTokenizer(C, 8, 16, 64, d)
+            x = torch.randn(B, C, hw, hw, generator=g)
+            probe = torch.randn(B, d, generator=g)
+            cells = []
+            for train in (False, True):
+                ms = ext_against_reference(f"ext d={d} B={B} C={C} {hw}x{hw} {'training' if train else 'forward'}",
+                                           token_call(tok, x, train, probe), failures, args)
+                if ms is None:
+                    continue
+                rows.append((train, x.numel(), head_work(B, d), ms["reference"] > ms["ext"]))
+                cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
+            print(f"{d:>4} {B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} {head_work(B, d):>10} | " + " | ".join(cells),
+                  flush=True)
+    # The dispatcher's rule: ext when x has at least MIN_ELEMENTS elements (the window
+    # DFT beats the full FFT) or the head at most MAX_HEAD_WORK multiply-adds (the fused
+    # loops beat ATen's calls). Report, per mode, the thresholds the measurements support.
     for train, name in ((False, "forward-only"), (True, "training")):
-        losing = [n for n, ext_wins in wins[train] if not ext_wins]
-        cross = min((n for n, _ in wins[train] if all(m < n for m in losing)), default=None)
-        print(f"{name}: ext wins at every measured size from {cross} elements "
-              f"(dispatcher uses {CPU_EXT_MIN_ELEMENTS[train]})")
+        mode = [r for r in rows if r[0] == train]
+        losing = [r for r in mode if not r[3]]
+        floor = min((r[1] for r in mode if all(q[1] < r[1] for q in losing)), default=None)
+        ceiling = max((r[2] for r in mode if all(q[2] > r[2] for q in losing if q[1] < (floor or float("inf")))),
+                      default=None)
+        print(f"{name}: ext wins at every measured size from {floor} elements, and below that wherever the head "
+              f"has at most {ceiling} multiply-adds (dispatcher: {CPU_EXT_MIN_ELEMENTS[train]} elements, "
+              f"{CPU_EXT_MAX_HEAD_WORK[train]} multiply-adds)")
 
 
 def eca_sweep(args, failures):
@@ -183,6 +197,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="two sizes only (a smoke test)")
+    p.add_argument("--dims", default="16,64,256", help="spectral_token: token widths d to sweep")
     add_output_args(p)
     args = p.parse_args(argv)
     failures = Failures()

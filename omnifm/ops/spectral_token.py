@@ -6,8 +6,9 @@ x (B, C, H, W); S = log1p(lowpass_spectrum(x, size)) viewed as K*K frequency bin
 (row-major over the window) with C channel values each. FreqMix:
 F = S mix_weight^T + freq_embed, mix_weight (m, C), freq_embed (K*K, m). Then
 GELU(F w1^T + b1) with w1 (h, m), GELU(. w2^T + b2) with w2 (d, h), mean over the
-bins, L2 normalisation (eps 1e-12, as F.normalize). GELU is the exact (erf) form.
-Output dtype: the promotion of x's and the parameters' dtypes.
+bins, L2 normalisation (eps 1e-12, as F.normalize). GELU is the exact (erf) form
+(the compiled CPU kernel's float32 head evaluates erf by Abramowitz & Stegun 7.1.26,
+|error| <= 1.5e-7). Output dtype: the promotion of x's and the parameters' dtypes.
 """
 
 import torch
@@ -64,31 +65,42 @@ def _validate(x, params, size):
     check_same_dtype(**named)
 
 
-# CPU crossover (python bench/bench_crossover.py, 2-core VM, 2026-11-30, after the backward
-# moved into C++): for an x of fewer elements (B*C*H*W) than this, the reference
-# backend's batched PyTorch is not slower than ext at every measured size. Forward-only
-# calls: ext wins from 1.6 Mi (below, large batches of small images go either way);
-# training: the reference keeps its forward's activations while ext recomputes them, so
-# ext wins only where the DFT dominates (B=1, or 224-px images) and everywhere from 4.8 Mi.
-CPU_EXT_MIN_ELEMENTS = {False: 1605632, True: 4816896}  # {records gradients: elements of x}
+# CPU crossover (python bench/bench_crossover.py, 2-core VM, 2026-11-30, after the
+# float32 head became fused loops): ext is not slower than the reference at every
+# measured size where x has at least CPU_EXT_MIN_ELEMENTS elements (B*C*H*W: its window
+# DFT against the full FFT) or, below that, where the per-bin head has at most
+# CPU_EXT_MAX_HEAD_WORK multiply-adds (B*K*K*h*(m+d): the fused loops against ATen's
+# calls; past it the reference's multithreaded matrix products win). Training records
+# gradients: ext recomputes the forward in its backward, the reference keeps it.
+CPU_EXT_MIN_ELEMENTS = {False: 1605632, True: 2408448}  # {records gradients: elements of x}
+CPU_EXT_MAX_HEAD_WORK = {False: 17825792, True: 5242880}  # {records gradients: multiply-adds}
 
 
-def _ext_check(dev, cd, numel, needs_grad):
+def head_work(batch, size, mix_dim, hidden_dim, dim):
+    """Multiply-adds of the per-bin MLP head for one call: B * K*K * h * (m + d)."""
+    return batch * size * size * hidden_dim * (mix_dim + dim)
+
+
+def _ext_check(dev, cd, numel, needs_grad, work):
     why = _backend.ext_status(OP, dev) or (
         None if cd in (torch.float32, torch.float64) else f"ext computes in float32/float64, not {cd}")
-    floor = CPU_EXT_MIN_ELEMENTS[needs_grad]
-    if why is None and dev == "cpu" and numel is not None and numel < floor and _backend.forced_backend() != "ext":
-        return (f"usable, but x has {numel} < {floor} elements{' and records gradients' if needs_grad else ''}: "
-                "the reference is faster there on CPU (bench/bench_crossover.py)")
-    return why
+    if why is not None or dev != "cpu" or numel is None or _backend.forced_backend() == "ext":
+        return why
+    floor, ceiling = CPU_EXT_MIN_ELEMENTS[needs_grad], CPU_EXT_MAX_HEAD_WORK[needs_grad]
+    if numel < floor and (work is None or work > ceiling):
+        return (f"usable, but x has {numel} < {floor} elements and the head {'?' if work is None else work} > "
+                f"{ceiling} multiply-adds{' (recording gradients)' if needs_grad else ''}: the reference is "
+                "faster there on CPU (bench/bench_crossover.py)")
+    return None
 
 
-def backend_checks(dev, cd, numel=None, needs_grad=False):
+def backend_checks(dev, cd, numel=None, needs_grad=False, work=None):
     """{backend: () -> None | why not} for a device type and compute dtype; numel (x's
-    elements, None: large) and needs_grad pick between ext and the reference on CPU."""
+    elements, None: large), needs_grad and work (head_work(), None: large) pick between
+    ext and the reference on CPU."""
     return {
         "reference": lambda: None,
-        "ext": lambda: _ext_check(dev, cd, numel, needs_grad),
+        "ext": lambda: _ext_check(dev, cd, numel, needs_grad, work),
         "triton": lambda: _backend.triton_status(dev)
         or (None if cd == torch.float32 else "the Triton kernel computes in float32, not float64"),
     }
@@ -100,7 +112,9 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     _validate(x, params, size)
     out_dtype, cd = _dtypes(x, mix_weight)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad), x.device.type).backend
+    # The head-work allowance was measured for the float32 fused loops (float64 runs ATen's).
+    work = head_work(x.shape[0], size, mix_weight.shape[0], w1.shape[0], w2.shape[0]) if cd == torch.float32 else None
+    backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad, work), x.device.type).backend
     if backend == "reference":
         return spectral_token_ref(x, *params, size=size)
     params = [p.to(cd) for p in params]

@@ -195,6 +195,60 @@ def test_fast_backward_crosses_tiles_and_chunks(backend, device, data, seed):
         check_backward(backend, case, device, seed)
 
 
+HEAD_ISAS = ("avx512", "avx2", "baseline")  # the compiled float32 head's variants (OMNIFM_CPU_HEAD_ISA caps it)
+
+
+def check_float32_gradients(case, seed):
+    """The compiled float32 backward (its fused head) against the float64 reference: at
+    most ~3x the float32 reference's own error, plus a floor a little above the forward's
+    (each parameter gradient sums over B*K*K bins)."""
+    size = case["size"]
+    base = make_inputs(**case)
+    fast, ref32 = ([t.float().requires_grad_() for t in base] for _ in range(2))
+    ref64 = [t.clone().requires_grad_() for t in base]
+    g = torch.randn(case["B"], case["d"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with forced("ext"):
+        spectral_token(*fast, size=size).backward(g.float())
+    spectral_token_ref(*ref32, size=size).backward(g.float())
+    spectral_token_ref(*ref64, size=size).backward(g)
+    for name, a, b, c in zip(NAMES, fast, ref32, ref64):
+        assert a.grad.dtype == torch.float32, name
+        if c.grad.norm() > 1e-6 * g.norm():
+            assert relerr(a.grad, c.grad) <= 3 * relerr(b.grad, c.grad) + 1e-5, name
+        else:  # zero up to roundoff (e.g. d=1: the token is +-1)
+            assert a.grad.double().norm() < 1e-4 * g.norm(), name
+
+
+@pytest.mark.parametrize("isa", HEAD_ISAS)
+@given(case=token_cases(max_hw=16, max_size=8, batch=st.integers(1, 4), d=st.integers(1, 40)),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=10, deadline=None)
+def test_float32_head_matches_reference(isa, case, seed):
+    """Every compiled variant of the float32 head, forward and backward, on shapes that
+    end blocks of 8 bins and tiles of 16 columns (m, h, d) part-way, x's gradient too."""
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNIFM_CPU_HEAD_ISA", isa)
+        with forced("ext"):
+            check_forward("ext", case, torch.float32, "cpu")
+        check_float32_gradients(case, seed)
+
+
+def test_float32_head_wide_and_many_bins():
+    """Widths over several 16-column tiles with ragged ends and 100 bins (12 blocks of 8
+    and a ragged one), in every variant."""
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    case = dict(B=3, C=3, H=23, W=21, size=10, m=37, h=70, d=53, seed=11)
+    for isa in HEAD_ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMNIFM_CPU_HEAD_ISA", isa)
+            with forced("ext"):
+                check_forward("ext", case, torch.float32, "cpu")
+            check_float32_gradients(case, seed=3)
+
+
 @pytest.mark.parametrize("qualname", ["omnifm::spectral_token", "omnifm::spectral_token_triton"])
 def test_opcheck(qualname):
     backend = "triton" if qualname.endswith("triton") else "ext"
@@ -265,28 +319,34 @@ def test_errors_name_the_argument(backend):
 
 
 def test_cpu_auto_dispatch_by_size():
-    """On CPU, auto sends x below the measured CPU_EXT_MIN_ELEMENTS (one floor for
-    forward-only calls, a higher one for calls that record gradients) to the reference
-    backend, and x at the floor to ext."""
+    """On CPU, auto runs ext where the measured crossover says it is not slower: x of at
+    least CPU_EXT_MIN_ELEMENTS elements, or below that a float32 head of at most
+    CPU_EXT_MAX_HEAD_WORK multiply-adds (each per mode: forward-only, or recording
+    gradients); everywhere else, and for float64 below the floor, the reference."""
     import importlib
     from unittest import mock
 
     if ("ext", "cpu") not in BACKENDS:
         pytest.skip("ext not available here")
     module = importlib.import_module("omnifm.ops.spectral_token")
-    floors = module.CPU_EXT_MIN_ELEMENTS
-    assert floors[False] < floors[True]
-    params = [p.float() for p in make_inputs(1, 1, 8, 8, 4, 3, 5, 6)[1:]]
-    below = torch.rand(1, 1, 8, floors[False] // 8 - 1)  # one column short of the forward floor
-    at_forward_floor = torch.rand(1, 1, 8, floors[False] // 8)
-    with mock.patch.object(module, "spectral_token_ref", wraps=module.spectral_token_ref) as ref:
-        with torch.no_grad():
-            spectral_token(below, *params, size=4)
-            assert ref.call_count == 1
-            spectral_token(at_forward_floor, *params, size=4)
-            assert ref.call_count == 1  # ext
-        trained = [p.requires_grad_() for p in params]
-        spectral_token(at_forward_floor, *trained, size=4)  # records gradients: below that floor
-        assert ref.call_count == 2
-        spectral_token(torch.rand(1, 1, 8, floors[True] // 8), *trained, size=4)
-        assert ref.call_count == 2
+    floors, ceilings = module.CPU_EXT_MIN_ELEMENTS, module.CPU_EXT_MAX_HEAD_WORK
+
+    def runs_reference(x, d, grad, h=5, dtype=torch.float32):
+        params = [p.to(dtype).requires_grad_(grad) for p in make_inputs(1, 1, 4, 4, 4, 3, h, d)[1:]]
+        with mock.patch.object(module, "spectral_token_ref", wraps=module.spectral_token_ref) as ref:
+            with torch.set_grad_enabled(grad):
+                spectral_token(x.to(dtype), *params, size=4)
+        return ref.call_count == 1
+
+    for grad in (False, True):
+        per_sample = module.head_work(1, 4, 3, 5, 6)
+        fits = ceilings[grad] // per_sample  # samples of 4x4 whose head is at most the ceiling
+        assert 16 * (fits + 1) < floors[grad]  # both batches are below the elements floor
+        assert not runs_reference(torch.rand(fits, 1, 4, 4), 6, grad)
+        assert runs_reference(torch.rand(fits + 1, 1, 4, 4), 6, grad)
+        assert runs_reference(torch.rand(fits, 1, 4, 4), 6, grad, dtype=torch.float64)  # no head allowance
+        # One image whose head is past the ceiling: the reference below the floor, ext at it.
+        wide = ceilings[grad] // (4 * 4 * 50) + 1  # d with 16 bins * h=50 * (m + d) past the ceiling
+        assert module.head_work(1, 4, 3, 50, wide) > ceilings[grad]
+        assert runs_reference(torch.rand(1, 1, 8, floors[grad] // 8 - 1), wide, grad, h=50)
+        assert not runs_reference(torch.rand(1, 1, 8, floors[grad] // 8), wide, grad, h=50)

@@ -1,22 +1,26 @@
-// CPU kernels of the spectral token (window DFT, log1p, FreqMix, MLP, pooling, L2
+// CPU kernels of the spectral token (window DFT, log1p, FreqMix, MLP head, pooling, L2
 // normalisation). The forward takes chunks of samples sized to stay in cache and
-// writes only their (d,) rows. The backward recomputes the forward for the whole
-// batch as flat (B*K*K, .) matrix products, keeping the pre-activations, and returns
-// every parameter's gradient (and, when asked, the gradient of the log-magnitude bins)
-// from one call. ATen runs only the matrix products and the GELUs (and their
-// derivatives); the small steps between are loops here, so a training step pays about
-// a dozen dispatches where the PyTorch form pays ~40 autograd nodes and Python calls.
-// It recomputes what the reference keeps, so the reference stays faster where the
-// per-bin MLP dominates (many small images): see CPU_EXT_MIN_ELEMENTS.
+// writes only their (d,) rows. The backward recomputes the forward a sample at a time
+// and returns every parameter's gradient (and, when asked, the gradient of the
+// log-magnitude bins) from one call.
+// float32: the per-bin head (two linear maps and GELUs) runs as fused, vectorised loops
+// (token_head.h), so a training step makes two calls where the PyTorch form pays ~40
+// autograd nodes and ATen dispatches, each slowed by the backbone's convolutions having
+// just evicted it from the caches. float64: ATen runs the head's products and GELUs.
+// Where the head is large (many bins times a wide d) ATen's multithreaded products win:
+// see CPU_EXT_MAX_HEAD_WORK in omnifm/ops/spectral_token.py.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
 #include "dft_window.h"
+#include "token_head.h"
 
 namespace omnifm {
 namespace cpu {
@@ -88,6 +92,121 @@ T norm_of(const T* v, int64_t n) {
   return std::sqrt(acc);
 }
 
+// g_pooled (d): dL/dpooled of normalize(pooled) for the token's gradient g, divided by
+// the bins (the mean's share of each bin): (I - t t^T) g / |p| where |p| > eps, g / eps
+// where the clamp is active.
+template <typename T>
+void pooled_grad(const T* pooled, const T* g, int64_t d, int64_t bins, T* gp) {
+  const T n = norm_of(pooled, d);
+  if (n > static_cast<T>(kEps)) {
+    T tg = 0;
+    for (int64_t e = 0; e < d; ++e) tg += (pooled[e] / n) * g[e];
+    for (int64_t e = 0; e < d; ++e) gp[e] = (g[e] - (pooled[e] / n) * tg) / n / static_cast<T>(bins);
+  } else {
+    for (int64_t e = 0; e < d; ++e) gp[e] = g[e] / static_cast<T>(kEps) / static_cast<T>(bins);
+  }
+}
+
+// The float32 head's weights in the padded layouts its loops read (token_head.h).
+struct HeadWeightsF32 {
+  std::vector<float> w1t, b1, w2t, b2, w2p, w1p;
+  HeadF32 view;
+
+  HeadWeightsF32(const at::Tensor& w1_in, const at::Tensor& b1_in, const at::Tensor& w2_in, const at::Tensor& b2_in) {
+    const at::Tensor w1c = w1_in.contiguous(), b1c = b1_in.contiguous(), w2c = w2_in.contiguous();
+    const at::Tensor b2c = b2_in.contiguous();
+    const int64_t h = w1c.size(0), m = w1c.size(1), d = w2c.size(0);
+    const int64_t hp = padded(h), dp = padded(d), mp = padded(m);
+    const float *p1 = w1c.data_ptr<float>(), *p2 = w2c.data_ptr<float>();
+    w1t.assign(m * hp, 0.0f), b1.assign(hp, 0.0f), w2t.assign(h * dp, 0.0f), b2.assign(dp, 0.0f);
+    w2p.assign(d * hp, 0.0f), w1p.assign(h * mp, 0.0f);
+    for (int64_t j = 0; j < h; ++j) {
+      b1[j] = b1c.data_ptr<float>()[j];
+      for (int64_t i = 0; i < m; ++i) w1t[i * hp + j] = w1p[j * mp + i] = p1[j * m + i];
+    }
+    for (int64_t e = 0; e < d; ++e) {
+      b2[e] = b2c.data_ptr<float>()[e];
+      for (int64_t j = 0; j < h; ++j) w2t[j * dp + e] = w2p[e * hp + j] = p2[e * h + j];
+    }
+    view = HeadF32{w1t.data(), b1.data(), w2t.data(), b2.data(), w2p.data(), w1p.data(), m, h, d, mp, hp, dp};
+  }
+};
+
+// pooled (nb, d): the mean over each sample's bins of the head on the rows f
+// (nb * bins, m); the fused loops in float32, ATen's products and GELUs in float64.
+template <typename T>
+void pooled_head(const at::Tensor& f, int64_t nb, const Params& p, const HeadWeightsF32* head, const at::Tensor& b1,
+                 const at::Tensor& w1_t, const at::Tensor& b2, const at::Tensor& w2_t, T* pooled) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::vector<float> scratch(kRows * (2 * head->view.hp + head->view.dp));
+    head_forward_f32(f.data_ptr<float>(), nb, p.bins, head->view, pooled, scratch.data());
+    for (int64_t i = 0; i < nb * p.d; ++i) pooled[i] /= static_cast<float>(p.bins);
+  } else {
+    const at::Tensor a2 = at::gelu(at::addmm(b2, at::gelu(at::addmm(b1, f, w1_t)), w2_t)).contiguous();
+    mean_over_bins(a2.data_ptr<T>(), nb, p.bins, p.d, pooled);
+  }
+}
+
+// The head's backward for the whole batch: g_f (rows, m) and the gradients of w1, b1,
+// w2, b2, from the rows f and the token's gradient grad (B, d).
+struct HeadGrads {
+  at::Tensor g_f, g_w1, g_b1, g_w2, g_b2;
+};
+
+HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& grad, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, float) {
+  // The fused head, a sample at a time: its bins' activations stay in cache, and its
+  // parameter gradients are summed per sample before the batch totals.
+  const auto opts = f.options();
+  HeadGrads out{at::empty({p.B * p.bins, p.m}, opts), at::empty({p.h, p.m}, opts), at::empty({p.h}, opts),
+                at::empty({p.d, p.h}, opts), at::empty({p.d}, opts)};
+  const HeadWeightsF32 head(w1, b1, w2, b2);
+  const int64_t hp = head.view.hp, dp = head.view.dp, mp = head.view.mp, rows = padded_rows(p.bins);
+  std::vector<float> h1(rows * hp), a1(rows * hp), h2(rows * dp), pooled(p.d), gp(p.d);
+  std::vector<float> scratch(kRows * (dp + hp + mp)), sample(p.m * hp + hp + p.d * hp + dp);
+  std::vector<float> total(sample.size(), 0.0f);  // g_w1t (m, hp) | g_b1 (hp) | g_w2 (d, hp) | g_b2 (dp)
+  float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const float* fb = f.data_ptr<float>() + b * p.bins * p.m;
+    head_forward_keep_f32(fb, p.bins, head.view, h1.data(), a1.data(), h2.data(), pooled.data());
+    for (float& v : pooled) v /= static_cast<float>(p.bins);
+    pooled_grad(pooled.data(), grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
+    std::fill(sample.begin(), sample.end(), 0.0f);
+    head_backward_f32(fb, p.bins, head.view, gp.data(), h1.data(), a1.data(), h2.data(), s_w1t, s_b1, s_w2, s_b2,
+                      out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
+    for (size_t i = 0; i < total.size(); ++i) total[i] += sample[i];
+  }
+  const float *t_w1t = total.data(), *t_b1 = t_w1t + p.m * hp, *t_w2 = t_b1 + hp, *t_b2 = t_w2 + p.d * hp;
+  float *gw1 = out.g_w1.data_ptr<float>(), *gw2 = out.g_w2.data_ptr<float>();
+  for (int64_t i = 0; i < p.m; ++i)
+    for (int64_t j = 0; j < p.h; ++j) gw1[j * p.m + i] = t_w1t[i * hp + j];
+  for (int64_t e = 0; e < p.d; ++e) std::copy(t_w2 + e * hp, t_w2 + e * hp + p.h, gw2 + e * p.h);
+  std::copy(t_b1, t_b1 + p.h, out.g_b1.data_ptr<float>());
+  std::copy(t_b2, t_b2 + p.d, out.g_b2.data_ptr<float>());
+  return out;
+}
+
+HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& grad, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, double) {
+  const int64_t rows = p.B * p.bins;
+  const at::Tensor h1 = at::addmm(b1, f, w1.t());
+  const at::Tensor a1 = at::gelu(h1);
+  const at::Tensor h2 = at::addmm(b2, a1, w2.t());
+  const at::Tensor a2 = at::gelu(h2).contiguous();
+  // The mean spreads g_pooled to every bin (materialised: ATen's gelu_backward is ~2x
+  // slower on a broadcast operand).
+  at::Tensor g_pooled = at::empty({p.B, p.d}, f.options());
+  std::vector<double> pooled(p.B * p.d);
+  mean_over_bins(a2.data_ptr<double>(), p.B, p.bins, p.d, pooled.data());
+  for (int64_t b = 0; b < p.B; ++b)
+    pooled_grad(pooled.data() + b * p.d, grad.data_ptr<double>() + b * p.d, p.d, p.bins,
+                g_pooled.data_ptr<double>() + b * p.d);
+  const at::Tensor g_a2 = g_pooled.unsqueeze(1).expand({p.B, p.bins, p.d}).reshape({rows, p.d});
+  const at::Tensor g_h2 = at::gelu_backward(g_a2, h2);
+  const at::Tensor g_h1 = at::gelu_backward(at::mm(g_h2, w2), h1);
+  return {at::mm(g_h1, w1).contiguous(), at::mm(g_h1.t(), f), g_h1.sum(0), at::mm(g_h2.t(), a1), g_h2.sum(0)};
+}
+
 }  // namespace
 
 at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weight_in,
@@ -101,6 +220,8 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
   if (p.B == 0) return out;
   const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
   const at::Tensor w1_t = w1.t(), w2_t = w2.t();
+  std::unique_ptr<HeadWeightsF32> head;  // float32: the fused head (token_head.h)
+  if (x.scalar_type() == at::kFloat) head = std::make_unique<HeadWeightsF32>(w1, b1, w2, b2);
   // Serial over chunks (each ATen call inside runs on torch's intra-op threads): a
   // chunk's images and activations stay in cache, and a small batch is one chunk.
   const int64_t activations = p.bins * (p.C + p.m + p.h + p.d);  // per sample: s, f, a1, a2
@@ -113,10 +234,8 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
       const int64_t nb = std::min(chunk, p.B - b0);
       bins_and_mix<scalar_t>(x.narrow(0, b0, nb), bases, size, mix_weight, freq_embed, s.data_ptr<scalar_t>(),
                              f.data_ptr<scalar_t>());
-      const at::Tensor a2 =
-          at::gelu(at::addmm(b2, at::gelu(at::addmm(b1, f.narrow(0, 0, nb * p.bins), w1_t)), w2_t)).contiguous();
       scalar_t* pool = pooled.data_ptr<scalar_t>();
-      mean_over_bins(a2.data_ptr<scalar_t>(), nb, p.bins, p.d, pool);
+      pooled_head<scalar_t>(f.narrow(0, 0, nb * p.bins), nb, p, head.get(), b1, w1_t, b2, w2_t, pool);
       scalar_t* o = out.data_ptr<scalar_t>() + b0 * p.d;
       for (int64_t b = 0; b < nb; ++b) {
         const scalar_t n = std::max(norm_of(pool + b * p.d, p.d), static_cast<scalar_t>(kEps));
@@ -130,8 +249,8 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
 // Gradients of sum(grad * spectral_token(x, ...)) with respect to mix_weight,
 // freq_embed, w1, b1, w2, b2 and, when grad_bins, the log-magnitude bins s
 // (B, C, K, K) (the caller maps that through the DFT's adjoint to x); else an empty
-// tensor in that slot. Recomputes the forward for the whole batch, keeping the
-// pre-activations; the small reductions are loops, the products and GELUs ATen's.
+// tensor in that slot. Recomputes the forward, keeping the pre-activations (float32: a
+// sample at a time in the fused head; float64: the whole batch through ATen).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mix_weight_in,
                             const at::Tensor& freq_embed_in, const at::Tensor& w1_in, const at::Tensor& b1,
@@ -150,37 +269,9 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spectral_token_backward_cpu", [&] {
     using T = scalar_t;
     if (p.B > 0) bins_and_mix<T>(x, bases, size, mix_weight, freq_embed, s.data_ptr<T>(), f.data_ptr<T>());
-    const at::Tensor h1 = at::addmm(b1, f, w1.t());
-    const at::Tensor a1 = at::gelu(h1);
-    const at::Tensor h2 = at::addmm(b2, a1, w2.t());
-    const at::Tensor a2 = at::gelu(h2).contiguous();
-    // d normalize: (I - t t^T) g / |p| where |p| > eps, g / eps where the clamp is
-    // active; the mean then spreads g_pooled / K*K to every bin (materialised: ATen's
-    // gelu_backward is ~2x slower on a broadcast operand).
-    at::Tensor g_pooled = at::empty({p.B, p.d}, x.options());
-    std::vector<T> pooled(p.B * p.d);
-    mean_over_bins(a2.data_ptr<T>(), p.B, p.bins, p.d, pooled.data());
-    for (int64_t b = 0; b < p.B; ++b) {
-      const T* pb = pooled.data() + b * p.d;
-      const T* gb = grad.data_ptr<T>() + b * p.d;
-      T* gp = g_pooled.data_ptr<T>() + b * p.d;
-      const T n = norm_of(pb, p.d);
-      if (n > static_cast<T>(kEps)) {
-        T tg = 0;
-        for (int64_t e = 0; e < p.d; ++e) tg += (pb[e] / n) * gb[e];
-        for (int64_t e = 0; e < p.d; ++e) gp[e] = (gb[e] - (pb[e] / n) * tg) / n / static_cast<T>(p.bins);
-      } else {
-        for (int64_t e = 0; e < p.d; ++e) gp[e] = gb[e] / static_cast<T>(kEps) / static_cast<T>(p.bins);
-      }
-    }
-    const at::Tensor g_a2 = g_pooled.unsqueeze(1).expand({p.B, p.bins, p.d}).reshape({rows, p.d});
-    const at::Tensor g_h2 = at::gelu_backward(g_a2, h2);
-    const at::Tensor g_h1 = at::gelu_backward(at::mm(g_h2, w2), h1);
-    const at::Tensor g_f = at::mm(g_h1, w1).contiguous();  // (rows, m)
-    g_w2 = at::mm(g_h2.t(), a1);
-    g_b2 = g_h2.sum(0);
-    g_w1 = at::mm(g_h1.t(), f);
-    g_b1 = g_h1.sum(0);
+    HeadGrads head = head_backward(f, p, grad, w1, b1, w2, b2, T{});
+    const at::Tensor& g_f = head.g_f;
+    g_w1 = head.g_w1, g_b1 = head.g_b1, g_w2 = head.g_w2, g_b2 = head.g_b2;
     // The FreqMix gradients: C and m are small, one pass over g_f.
     const T *gf = g_f.data_ptr<T>(), *sp = s.data_ptr<T>(), *mix = mix_weight.data_ptr<T>();
     T *gm = g_mix.data_ptr<T>(), *ge = g_embed.data_ptr<T>();
