@@ -162,17 +162,17 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
                 at::empty({p.d, p.h}, opts), at::empty({p.d}, opts)};
   const HeadWeightsF32 head(w1, b1, w2, b2);
   const int64_t hp = head.view.hp, dp = head.view.dp, mp = head.view.mp, rows = padded_rows(p.bins);
-  std::vector<float> h1(rows * hp), a1(rows * hp), h2(rows * dp), pooled(p.d), gp(p.d);
+  std::vector<float> g1(rows * hp), a1(rows * hp), g2(rows * dp), pooled(p.d), gp(p.d);  // token_head.h
   std::vector<float> scratch(kRows * (dp + hp + mp)), sample(p.m * hp + hp + p.d * hp + dp);
   std::vector<float> total(sample.size(), 0.0f);  // g_w1t (m, hp) | g_b1 (hp) | g_w2 (d, hp) | g_b2 (dp)
   float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
   for (int64_t b = 0; b < p.B; ++b) {
     const float* fb = f.data_ptr<float>() + b * p.bins * p.m;
-    head_forward_keep_f32(fb, p.bins, head.view, h1.data(), a1.data(), h2.data(), pooled.data());
+    head_forward_keep_f32(fb, p.bins, head.view, g1.data(), a1.data(), g2.data(), pooled.data());
     for (float& v : pooled) v /= static_cast<float>(p.bins);
     pooled_grad(pooled.data(), grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
     std::fill(sample.begin(), sample.end(), 0.0f);
-    head_backward_f32(fb, p.bins, head.view, gp.data(), h1.data(), a1.data(), h2.data(), s_w1t, s_b1, s_w2, s_b2,
+    head_backward_f32(fb, p.bins, head.view, gp.data(), g1.data(), a1.data(), g2.data(), s_w1t, s_b1, s_w2, s_b2,
                       out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
     for (size_t i = 0; i < total.size(); ++i) total[i] += sample[i];
   }

@@ -77,15 +77,15 @@ void head_forward_f32(const float* f, int64_t samples, int64_t bins, const HeadF
   OMNIFM_HEAD_DISPATCH(head_forward(f, samples, bins, w, pooled, scratch))
 }
 
-void head_forward_keep_f32(const float* f, int64_t bins, const HeadF32& w, float* h1, float* a1, float* h2,
+void head_forward_keep_f32(const float* f, int64_t bins, const HeadF32& w, float* g1, float* a1, float* g2,
                            float* pooled) {
-  OMNIFM_HEAD_DISPATCH(sample_forward_keep(f, bins, w, h1, a1, h2, pooled))
+  OMNIFM_HEAD_DISPATCH(sample_forward_keep(f, bins, w, g1, a1, g2, pooled))
 }
 
-void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const float* g_sum, const float* h1,
-                       const float* a1, const float* h2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
+void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const float* g_sum, const float* g1,
+                       const float* a1, const float* g2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
                        float* g_f, float* scratch) {
-  OMNIFM_HEAD_DISPATCH(sample_backward(f, bins, w, g_sum, h1, a1, h2, g_w1t, g_b1, g_w2, g_b2, g_f, scratch))
+  OMNIFM_HEAD_DISPATCH(sample_backward(f, bins, w, g_sum, g1, a1, g2, g_w1t, g_b1, g_w2, g_b2, g_f, scratch))
 }
 
 const char* head_isa_f32() {

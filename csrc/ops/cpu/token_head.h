@@ -33,16 +33,17 @@ struct HeadF32 {
 void head_forward_f32(const float* f, int64_t samples, int64_t bins, const HeadF32& w, float* pooled,
                       float* scratch);
 
-// One sample: its bins' activations h1, a1 (padded_rows(bins), hp), h2
-// (padded_rows(bins), dp) and pooled (d), the sum over its bins.
-void head_forward_keep_f32(const float* f, int64_t bins, const HeadF32& w, float* h1, float* a1, float* h2,
+// One sample, for its backward: a1 (padded_rows(bins), hp), GELU's derivative at the
+// pre-activations g1 (padded_rows(bins), hp) and g2 (padded_rows(bins), dp), and
+// pooled (d), the sum over its bins.
+void head_forward_keep_f32(const float* f, int64_t bins, const HeadF32& w, float* g1, float* a1, float* g2,
                            float* pooled);
 
-// One sample's backward from g_sum (d) = dL/d(pooled sum), with the kept activations:
+// One sample's backward from g_sum (d) = dL/d(pooled sum), with what the keep pass kept:
 // adds to g_w1t (m, hp), g_b1 (hp), g_w2 (d, hp), g_b2 (dp); writes g_f (bins, m).
 // scratch: kRows * (dp + hp + mp) floats.
-void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const float* g_sum, const float* h1,
-                       const float* a1, const float* h2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
+void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const float* g_sum, const float* g1,
+                       const float* a1, const float* g2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
                        float* g_f, float* scratch);
 
 // Which compiled variant runs: "avx512", "avx2" or "baseline".
