@@ -111,13 +111,13 @@ def choose(checks, device_type):
     raise BackendUnavailableError(f"no backend can run this call: {skipped}")
 
 
-def register_fake_and_autograd(op, fake, backward, setup_context, ext_backward=None):
+def register_fake_and_autograd(op, fake, backward, setup_context, ext_autograd=True):
     """Fake kernel and autograd for omnifm::<op>_triton and, when omnifm_ext defines
-    it, for the compiled omnifm::<op> (fakes only where the extension loaded), whose
-    backward is ext_backward when given (else the same backward)."""
-    names = {f"omnifm::{op}_triton": backward}
+    it, for the compiled omnifm::<op> (fakes only where the extension loaded); with
+    ext_autograd=False the compiled op gets only its fake (its autograd is C++'s)."""
+    torch.library.register_fake(f"omnifm::{op}_triton")(fake)
+    torch.library.register_autograd(f"omnifm::{op}_triton", backward, setup_context=setup_context)
     if (op, "cpu") in EXT_KERNELS:
-        names[f"omnifm::{op}"] = backward if ext_backward is None else ext_backward
-    for qualname, op_backward in names.items():
-        torch.library.register_fake(qualname)(fake)
-        torch.library.register_autograd(qualname, op_backward, setup_context=setup_context)
+        torch.library.register_fake(f"omnifm::{op}")(fake)
+        if ext_autograd:
+            torch.library.register_autograd(f"omnifm::{op}", backward, setup_context=setup_context)

@@ -220,17 +220,6 @@ def _fake_residual_backward(grad, x, protos, wq, wk, wv, value_bias):
             torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv), g_bias)
 
 
-def _setup_residual(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # value_bias may be None
-
-
-def _residual_backward(ctx, grad):
-    x, protos, wq, wk, wv, value_bias = ctx.saved_tensors
-    *grads, g_bias = torch.ops.omnifm.eca_residual_backward(grad, x, protos, wq, wk, wv, value_bias)
-    return (*grads, None if value_bias is None else g_bias)
-
-
-if _backend.ext_status(RESIDUAL_OP, "cpu") is None:
+if _backend.ext_status(RESIDUAL_OP, "cpu") is None:  # its autograd is registered in C++ (eca_attention_kernel.cpp)
     torch.library.register_fake("omnifm::eca_residual")(_fake_residual)
     torch.library.register_fake("omnifm::eca_residual_backward")(_fake_residual_backward)
-    torch.library.register_autograd("omnifm::eca_residual", _residual_backward, setup_context=_setup_residual)

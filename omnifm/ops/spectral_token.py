@@ -127,7 +127,7 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
 
 # --- registration: fake kernels and backwards. The Triton op's backward recomputes the
 # forward in the matrix form in PyTorch; the compiled op's runs in C++ in one call
-# (omnifm::spectral_token_backward, the same math).
+# (omnifm::spectral_token_backward, the same math), its autograd too.
 
 @torch.library.custom_op("omnifm::spectral_token_triton", mutates_args=())
 def _spectral_token_triton(x: torch.Tensor, mix_weight: torch.Tensor, freq_embed: torch.Tensor,
@@ -188,18 +188,13 @@ def _backward(ctx, grad):
     return (_grad_x(ctx, x, g_s), *(grads[n] for n in PARAM_NAMES), None)
 
 
-def _ext_backward(ctx, grad):
-    x, *params = ctx.saved_tensors
-    *grads, g_s = torch.ops.omnifm.spectral_token_backward(grad.contiguous(), x, *params, ctx.size,
-                                                           ctx.needs_input_grad[0])
-    return (_grad_x(ctx, x, g_s), *grads, None)
-
-
 def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, grad_bins):
     g_s = x.new_empty(x.shape[0], x.shape[1], size, size) if grad_bins else x.new_empty(0)
     return (*(torch.empty_like(p) for p in (mix_weight, freq_embed, w1, b1, w2, b2)), g_s)
 
 
-_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context, ext_backward=_ext_backward)
+# The compiled op's autograd is registered in C++ (spectral_token_kernel.cpp): its
+# backward is omnifm::spectral_token_backward, then x's gradient as _grad_x computes it.
+_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context, ext_autograd=False)
 if _backend.ext_status(OP, "cpu") is None:
     torch.library.register_fake("omnifm::spectral_token_backward")(_fake_ext_backward)

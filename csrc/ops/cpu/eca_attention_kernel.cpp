@@ -7,6 +7,7 @@
 // order: the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorIterator.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -266,6 +267,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_protos = at::addmm(at::mm(g_vp, wv.t()), g_kq, wk.t()).view({B, k, d});
   at::Tensor g_bias = bias.has_value() ? g_vp.sum(0) : at::empty({0}, x.options());
   return {g_x, g_protos, g_wq, g_wk, g_wv, g_bias};
+}
+
+// eca_residual's autograd in C++: the adapter calls it once per training step, and a
+// Python-registered backward costs two Python round trips (the forward's wrapper and
+// the backward's) that are slower than the op itself at a small backbone's sizes.
+// Both directions go through the dispatcher, so fake tensors (torch.compile) reach the
+// fake kernels registered in omnifm/ops/eca_attention.py.
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class EcaResidualFunction : public torch::autograd::Function<EcaResidualFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& protos,
+                            const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+                            const c10::optional<at::Tensor>& bias) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::eca_residual", "")
+                               .typed<decltype(eca_residual_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, protos, wq, wk, wv, bias.has_value() ? *bias : at::Tensor()});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return op.call(x, protos, wq, wk, wv, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::eca_residual_backward", "")
+                               .typed<decltype(eca_residual_backward_cpu)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(saved[5]) : c10::nullopt;
+    auto [g_x, g_protos, g_wq, g_wk, g_wv, g_bias] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], bias);
+    return {g_x, g_protos, g_wq, g_wk, g_wv, has_bias ? g_bias : at::Tensor()};
+  }
+};
+
+at::Tensor eca_residual_autograd(const at::Tensor& x, const at::Tensor& protos, const at::Tensor& wq,
+                                 const at::Tensor& wk, const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
+  return EcaResidualFunction::apply(x, protos, wq, wk, wv, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnifm, Autograd, m) {
+  m.impl("eca_residual", &eca_residual_autograd);
 }
 
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {

@@ -10,6 +10,7 @@
 // Where the head is large (many bins times a wide d) ATen's multithreaded products win:
 // see CPU_EXT_MAX_HEAD_WORK in omnifm/ops/spectral_token.py.
 #include <ATen/Dispatch.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -296,6 +297,80 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
     }
   });
   return {g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, g_s};
+}
+
+// spectral_token's autograd in C++, for the same reason as eca_residual's
+// (eca_attention_kernel.cpp): the adapter calls it every training step, and two Python
+// round trips cost more than the fused head at its sizes. Through the dispatcher both
+// ways, so torch.compile's fake tensors reach the fake kernels (spectral_token.py).
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// (size, n) complex DFT basis of the centred window, exp(-2 pi i f t / n) / n for the
+// window frequencies f = i - size/2, the phase reduced modulo n in integers first (as
+// omnifm/ops/_dft.py's complex_basis).
+at::Tensor window_basis(int64_t n, int64_t size, at::ScalarType real_dtype, const at::Device& device) {
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor f = at::remainder(at::arange(size, longs) - size / 2, n);
+  const at::Tensor phase = at::remainder(f.unsqueeze(1) * at::arange(n, longs).unsqueeze(0), n);
+  const at::Tensor angle = phase.to(at::kDouble) * (6.283185307179586476925286766559 / static_cast<double>(n));
+  const at::Tensor basis = at::polar(at::full_like(angle, 1.0 / static_cast<double>(n)), -angle);
+  return basis.to(device, real_dtype == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
+}
+
+// dL/dx from dL/d(log1p |X|) g_s (B, C, K, K), X the window of x: omnifm/ops/_dft.py's
+// magnitude_grad(x, size, g_s, log=True), op for op.
+at::Tensor log_magnitude_grad(const at::Tensor& x, int64_t size, const at::Tensor& g_s) {
+  const at::Tensor a_h = window_basis(x.size(2), size, g_s.scalar_type(), x.device());
+  const at::Tensor a_w = window_basis(x.size(3), size, g_s.scalar_type(), x.device());
+  const at::Tensor X = at::matmul(at::matmul(a_h, x.to(g_s.scalar_type()).to(a_h.scalar_type())), a_w.transpose(0, 1));
+  const at::Tensor g = g_s / (X.abs() + 1);
+  const at::Tensor adjoint = at::matmul(at::matmul(a_h.transpose(0, 1), g * at::sgn(X).conj()), a_w);
+  return at::real(adjoint).to(x.scalar_type()).contiguous();
+}
+
+using TokenFn = decltype(spectral_token_cpu);
+using TokenBackwardFn = decltype(spectral_token_backward_cpu);
+
+class SpectralTokenFunction : public torch::autograd::Function<SpectralTokenFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mix_weight,
+                            const at::Tensor& freq_embed, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, int64_t size) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::spectral_token", "").typed<TokenFn>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, mix_weight, freq_embed, w1, b1, w2, b2});
+    ctx->saved_data["size"] = size;
+    return op.call(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::spectral_token_backward", "")
+                               .typed<TokenBackwardFn>();
+    const variable_list v = ctx->get_saved_variables();
+    const int64_t size = ctx->saved_data["size"].toInt();
+    const bool x_grad = ctx->needs_input_grad(0);
+    auto [g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, g_s] =
+        op.call(grads[0].contiguous(), v[0], v[1], v[2], v[3], v[4], v[5], v[6], size, x_grad);
+    const at::Tensor g_x = x_grad ? log_magnitude_grad(v[0], size, g_s) : at::Tensor();
+    return {g_x, g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, at::Tensor()};
+  }
+};
+
+at::Tensor spectral_token_autograd(const at::Tensor& x, const at::Tensor& mix_weight, const at::Tensor& freq_embed,
+                                   const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                   const at::Tensor& b2, int64_t size) {
+  return SpectralTokenFunction::apply(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnifm, Autograd, m) {
+  m.impl("spectral_token", &spectral_token_autograd);
 }
 
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
