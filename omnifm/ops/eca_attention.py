@@ -198,16 +198,17 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(name, backward_name):
+def _register(name, backward_name, autograd=True):
     torch.library.register_fake(f"omnifm::{name}")(_fake)
     torch.library.register_fake(f"omnifm::{backward_name}")(_fake_backward)
-    backward_op = getattr(torch.ops.omnifm, backward_name)
-    torch.library.register_autograd(f"omnifm::{name}", _make_backward(backward_op), setup_context=_setup_context)
+    if autograd:
+        backward_op = getattr(torch.ops.omnifm, backward_name)
+        torch.library.register_autograd(f"omnifm::{name}", _make_backward(backward_op), setup_context=_setup_context)
 
 
 _register("eca_core_triton", "eca_core_backward_triton")
 if _backend.ext_status(OP, "cpu") is None:
-    _register("eca_core", "eca_core_backward")
+    _register("eca_core", "eca_core_backward", autograd=False)  # its autograd is C++'s (eca_attention_kernel.cpp)
 
 
 def _fake_residual(x, protos, wq, wk, wv, value_bias):

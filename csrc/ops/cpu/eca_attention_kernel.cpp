@@ -269,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {g_x, g_protos, g_wq, g_wk, g_wv, g_bias};
 }
 
-// eca_residual's autograd in C++: the adapter calls it once per training step, and a
+// The autograd of eca_core and eca_residual in C++: the adapter calls one of them once
+// per training step, and a
 // Python-registered backward costs two Python round trips (the forward's wrapper and
 // the backward's) that are slower than the op itself at a small backbone's sizes.
 // Both directions go through the dispatcher, so fake tensors (torch.compile) reach the
@@ -306,6 +307,30 @@ class EcaResidualFunction : public torch::autograd::Function<EcaResidualFunction
   }
 };
 
+class EcaCoreFunction : public torch::autograd::Function<EcaCoreFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::eca_core", "").typed<decltype(eca_core_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({r, at_, vp});
+    return op.call(r, at_, vp);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::eca_core_backward", "")
+                               .typed<decltype(eca_core_backward_cpu)>();
+    const variable_list saved = ctx->get_saved_variables();
+    auto [g_r, g_at, g_vp] = op.call(grads[0].contiguous(), saved[0], saved[1], saved[2]);
+    return {g_r, g_at, g_vp};
+  }
+};
+
+at::Tensor eca_core_autograd(const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp) {
+  return EcaCoreFunction::apply(r, at_, vp);
+}
+
 at::Tensor eca_residual_autograd(const at::Tensor& x, const at::Tensor& protos, const at::Tensor& wq,
                                  const at::Tensor& wk, const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
   return EcaResidualFunction::apply(x, protos, wq, wk, wv, bias);
@@ -314,6 +339,7 @@ at::Tensor eca_residual_autograd(const at::Tensor& x, const at::Tensor& protos, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(omnifm, Autograd, m) {
+  m.impl("eca_core", &eca_core_autograd);
   m.impl("eca_residual", &eca_residual_autograd);
 }
 
