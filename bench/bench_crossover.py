@@ -1,16 +1,18 @@
 """Where the compiled CPU kernels start to beat the PyTorch reference backend.
 
-    python bench/bench_crossover.py                       # spectral_token: CPU_EXT_MIN_ELEMENTS
+    python bench/bench_crossover.py                       # spectral_token: CPU_EXT_MIN_ELEMENTS, _MAX_HEAD_WORK
     python bench/bench_crossover.py --op eca_attention    # eca_attention: CPU_EXT_MIN_WIDTH
     python bench/bench_crossover.py --op cosine_topk      # cosine_topk: SCREEN_MIN_ROWS
 
-For x of shape (B, C, H, W) over a grid of sizes (K=8, m=16, h=64, d=256: the adapter's
-settings), times the op forced to ext and forced to the reference, forward-only (no
-gradient recorded: prototypes, evaluation) and forward+backward of the parameters (local
-training; x never needs a gradient there). Both answers and gradients are checked
-against each other before timing. Prints ms and reference/ext (> 1: ext is faster) and,
-per mode, the smallest x (elements) from which ext wins at every larger size measured,
-to compare with omnifm.ops.spectral_token.CPU_EXT_MIN_ELEMENTS.
+For x of shape (B, C, H, W) over a grid of sizes, and token widths d (--dims; K=8,
+m=16, h=64: the adapter's settings), times the op forced to ext and forced to the
+reference, forward-only (no gradient recorded: prototypes, evaluation) and
+forward+backward of the parameters (local training; x never needs a gradient there).
+Both answers and gradients are checked against each other before timing. Prints ms
+and reference/ext (> 1: ext is faster) and, per mode, the thresholds the measurements
+support for the dispatcher's rule (ext from CPU_EXT_MIN_ELEMENTS elements of x, or
+below that where the per-bin head has at most CPU_EXT_MAX_HEAD_WORK multiply-adds),
+to compare with omnifm.ops.spectral_token.
 
 eca_attention: r (B, L, d) attends to k=2 prototypes (d = dh), forward+backward of r and
 the projections (the adapter's training step; forward-only calls always run the

@@ -54,10 +54,8 @@ Isa detect() {
   return Isa::kBaseline;
 }
 
-Isa isa() {
-  // Read per call (an environment lookup), so a test can switch variants in-process.
-  return detect();
-}
+// Read per call (an environment lookup and cpuid), so a test can switch variants in-process.
+Isa isa() { return detect(); }
 
 }  // namespace
 
@@ -86,14 +84,6 @@ void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const flo
                        const float* a1, const float* g2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
                        float* g_f, float* scratch) {
   OMNIFM_HEAD_DISPATCH(sample_backward(f, bins, w, g_sum, g1, a1, g2, g_w1t, g_b1, g_w2, g_b2, g_f, scratch))
-}
-
-const char* head_isa_f32() {
-  switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
 }
 
 }  // namespace cpu

@@ -46,8 +46,5 @@ void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const flo
                        const float* a1, const float* g2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
                        float* g_f, float* scratch);
 
-// Which compiled variant runs: "avx512", "avx2" or "baseline".
-const char* head_isa_f32();
-
 }  // namespace cpu
 }  // namespace omnifm
