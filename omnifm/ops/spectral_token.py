@@ -88,9 +88,11 @@ def _ext_check(dev, cd, numel, needs_grad, work):
         return why
     floor, ceiling = CPU_EXT_MIN_ELEMENTS[needs_grad], CPU_EXT_MAX_HEAD_WORK[needs_grad]
     if numel < floor and (work is None or work > ceiling):
-        return (f"usable, but x has {numel} < {floor} elements and the head {'?' if work is None else work} > "
-                f"{ceiling} multiply-adds{' (recording gradients)' if needs_grad else ''}: the reference is "
-                "faster there on CPU (bench/bench_crossover.py)")
+        head = f"its head's {work} > {ceiling} multiply-adds" if work is not None else \
+            "it is not float32 (the head allowance is the float32 loops')"
+        return (f"usable, but x has {numel} < {floor} elements and {head}"
+                f"{' (recording gradients)' if needs_grad else ''}: the reference is faster there on CPU "
+                "(bench/bench_crossover.py)")
     return None
 
 
