@@ -71,7 +71,8 @@ class OmniFMAdapter(nn.Module):
         nn.init.zeros_(self.proj.weight)  # start as the unchanged backbone
         self.suffix = nn.Parameter(torch.zeros(n_suffix, dim)) if psp else None
         self.register_buffer("bank", torch.zeros(0, dim), persistent=False)
-        self.retrieval_counts = torch.zeros(0, dtype=torch.int64)
+        self._counts = torch.zeros(0, dtype=torch.int64)
+        self._retrieved = []  # training retrievals' indices not yet in _counts
         self._state = None  # (s, Sg) while a forward runs, read by the hook
         self._last = (None, None)  # (s, Sg) of the last forward, for alignment_loss
         self._handle = modules[layer].register_forward_hook(self._fuse)
@@ -80,7 +81,17 @@ class OmniFMAdapter(nn.Module):
     def set_bank(self, bank):
         """Install the client's copy of the server bank (M, d); resets retrieval counts."""
         self.bank = bank.detach().to(self.bank.device, self.bank.dtype).clone()
-        self.retrieval_counts = torch.zeros(self.bank.shape[0], dtype=torch.int64)
+        self._counts = torch.zeros(self.bank.shape[0], dtype=torch.int64)
+        self._retrieved = []
+
+    @property
+    def retrieval_counts(self):
+        """(M,) int64: how often each bank row was retrieved in training since set_bank."""
+        if self._retrieved:  # one bincount when read (once a round), not one per step
+            idx = torch.cat(self._retrieved).cpu()
+            self._retrieved = []
+            self._counts = self._counts + torch.bincount(idx, minlength=self._counts.shape[0])
+        return self._counts
 
     def retrieve(self, s):
         """(B, k, d) prototypes for tokens s (B, d); None when the bank is empty."""
@@ -91,7 +102,7 @@ class OmniFMAdapter(nn.Module):
             return self.bank.mean(0).expand(s.shape[0], 1, -1)
         _, idx = cosine_topk(s.detach(), self.bank, min(self.topk, M))
         if self.training:
-            self.retrieval_counts += torch.bincount(idx.flatten().cpu(), minlength=M)
+            self._retrieved.append(idx.flatten())
         return self.bank[idx]
 
     # -- forward ------------------------------------------------------------
