@@ -37,7 +37,7 @@ from omnifm.nn import ECAFusion, SpectralTokenizer  # noqa: E402
 from omnifm.ops import cosine_topk as cosine_topk_op  # noqa: E402
 from omnifm.ops.cosine_topk import cpu_has_fast_bfloat16, prepare_bank  # noqa: E402
 from omnifm.ops.eca_attention import CPU_EXT_MIN_WIDTH  # noqa: E402
-from omnifm.ops.spectral_token import CPU_EXT_MAX_HEAD_WORK, CPU_EXT_MIN_ELEMENTS  # noqa: E402
+from omnifm.ops.spectral_token import CPU_EXT_MAX_HEAD_WORK, CPU_EXT_MIN_ELEMENTS, head_work  # noqa: E402
 
 SHAPES = [(b, c, hw) for c in (1, 3) for hw in (28, 64, 128, 224) for b in (1, 8, 16, 32, 128)
           if b * c * hw * hw <= 32 * 3 * 224 * 224]
@@ -84,11 +84,6 @@ def token_call(tok, x, train, probe):
     return call
 
 
-def head_work(B, d, size=8, mix=16, hidden=64):
-    """Multiply-adds of the per-bin MLP head for a batch: B * K*K * h * (m + d)."""
-    return B * size * size * hidden * (mix + d)
-
-
 def token_sweep(args, failures):
     rows = []  # (train, numel, head work, ext faster)
     print(f"{'d':>4} {'B':>4} {'C':>2} {'HxW':>8} {'elements':>9} {'head MACs':>10} | {'fwd ext':>8} {'ref':>8} "
@@ -97,6 +92,7 @@ def token_sweep(args, failures):
         for B, C, hw in SHAPES[:2] if args.quick else SHAPES:
             g = torch.Generator().manual_seed(B * 1000 + C * 100 + hw + d)
             tok = SpectralTokenizer(C, 8, 16, 64, d)
+            work = head_work(B, 8, 16, 64, d)
             x = torch.randn(B, C, hw, hw, generator=g)
             probe = torch.randn(B, d, generator=g)
             cells = []
@@ -105,9 +101,9 @@ def token_sweep(args, failures):
                                            token_call(tok, x, train, probe), failures, args)
                 if ms is None:
                     continue
-                rows.append((train, x.numel(), head_work(B, d), ms["reference"] > ms["ext"]))
+                rows.append((train, x.numel(), work, ms["reference"] > ms["ext"]))
                 cells.append(f"{ms['ext']:8.2f} {ms['reference']:8.2f} {ms['reference'] / ms['ext']:6.2f}")
-            print(f"{d:>4} {B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} {head_work(B, d):>10} | " + " | ".join(cells),
+            print(f"{d:>4} {B:>4} {C:>2} {f'{hw}x{hw}':>8} {x.numel():>9} {work:>10} | " + " | ".join(cells),
                   flush=True)
     # The dispatcher's rule: ext when x has at least MIN_ELEMENTS elements (the window
     # DFT beats the full FFT) or the head at most MAX_HEAD_WORK multiply-adds (the fused

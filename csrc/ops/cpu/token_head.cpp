@@ -38,24 +38,32 @@ namespace {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-Isa detect() {
-  // OMNIFM_CPU_HEAD_ISA=baseline|avx2 (tests) caps the variant, so each one is tested.
-  const char* cap = std::getenv("OMNIFM_CPU_HEAD_ISA");
-  const std::string want = cap == nullptr ? "" : cap;
+// The best variant this CPU runs, found once (cpuid).
+Isa hardware() {
+  static const Isa best = [] {
 #ifdef OMNIFM_HEAD_X86
-  __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  if (want == "baseline") return Isa::kBaseline;
-  if (has_avx512 && want != "avx2") return Isa::kAvx512;
-  if (has_avx2) return Isa::kAvx2;
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      return Isa::kAvx512;
+    if (avx2) return Isa::kAvx2;
 #endif
-  return Isa::kBaseline;
+    return Isa::kBaseline;
+  }();
+  return best;
 }
 
-// Read per call (an environment lookup and cpuid), so a test can switch variants in-process.
-Isa isa() { return detect(); }
+// hardware(), capped by OMNIFM_CPU_HEAD_ISA=baseline|avx2 (tests), read per call so a
+// test can switch variants in-process.
+Isa isa() {
+  const char* cap = std::getenv("OMNIFM_CPU_HEAD_ISA");
+  const std::string want = cap == nullptr ? "" : cap;
+  const Isa best = hardware();
+  if (want == "baseline") return Isa::kBaseline;
+  if (want == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
+  return best;
+}
 
 }  // namespace
 
