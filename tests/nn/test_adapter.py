@@ -50,6 +50,32 @@ def test_spatial_mode_starts_as_the_backbone_and_learns():
     assert ad.retrieval_counts.sum() == 4 * 2  # topk=2 per image
 
 
+def test_retrieval_counts_every_training_retrieval_since_set_bank():
+    """The counts equal a hand tally of cosine_topk's indices over several training
+    forwards, with a read in between; evaluation forwards do not count; set_bank resets."""
+    from omnifm.ops import cosine_topk
+
+    torch.manual_seed(0)
+    ad = OmniFMAdapter(ConvNet(), "stem", 8, size=4, mix_dim=4, hidden_dim=8, topk=2)
+    bank = torch.nn.functional.normalize(torch.randn(7, 8), dim=1)
+    ad.set_bank(bank)
+    want = torch.zeros(7, dtype=torch.int64)
+    for step in range(5):
+        x = torch.rand(3, 3, 16, 16)
+        ad.train()
+        ad(x)
+        with torch.no_grad():
+            _, idx = cosine_topk(ad.tokenizer(x), bank, 2)
+        want += torch.bincount(idx.flatten(), minlength=7)
+        if step == 2:
+            assert torch.equal(ad.retrieval_counts, want)  # a read in between
+        ad.eval()
+        ad(x)  # not counted
+    assert torch.equal(ad.retrieval_counts, want) and want.sum() == 5 * 3 * 2
+    ad.set_bank(bank)
+    assert torch.equal(ad.retrieval_counts, torch.zeros(7, dtype=torch.int64))
+
+
 def test_sequence_mode_adds_prefix_and_suffix_tokens():
     torch.manual_seed(0)
     net = TokenNet()
