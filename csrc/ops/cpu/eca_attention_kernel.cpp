@@ -6,7 +6,6 @@
 // once, writes dr once, and sums d(at), d(vp) per chunk, then over chunks in a fixed
 // order: the result does not depend on the number of threads.
 #include <ATen/Dispatch.h>
-#include <ATen/TensorIterator.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -16,6 +15,7 @@
 #include <vector>
 
 #include "check.h"
+#include "parallel.h"
 
 namespace omnifm {
 namespace cpu {
@@ -82,20 +82,6 @@ inline void combine(const T* c, const T* m, int64_t k, int64_t n, T* out) {
 template <typename T>
 inline void axpy(T c, const T* x, int64_t n, T* acc) {
   for (int64_t i = 0; i < n; ++i) acc[i] += c * x[i];
-}
-
-// f(task) for each task in [0, n) on torch's intra-op threads. at::parallel_for is a
-// header template that runs serially in an extension built without -fopenmp (this one);
-// TensorIterator::for_each calls it from inside libtorch, which is built with OpenMP.
-template <typename F>
-void parallel_tasks(int64_t n, const F& f) {
-  const at::Tensor ids = at::arange(n, at::kLong);
-  at::TensorIterator iter = at::TensorIteratorConfig().add_const_input(ids).build();
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t size) {
-        for (int64_t i = 0; i < size; ++i) f(*reinterpret_cast<const int64_t*>(data[0] + i * strides[0]));
-      },
-      1);
 }
 
 template <typename T>

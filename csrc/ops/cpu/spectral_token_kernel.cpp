@@ -21,6 +21,7 @@
 
 #include "check.h"
 #include "dft_window.h"
+#include "parallel.h"
 #include "token_head.h"
 
 namespace omnifm {
@@ -28,6 +29,7 @@ namespace cpu {
 namespace {
 
 constexpr double kEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr int64_t kGradGroups = 8;  // the float32 backward's sample groups (head_backward)
 
 struct Params {
   int64_t B, C, m, h, d, bins;
@@ -58,18 +60,20 @@ void bins_and_mix(const at::Tensor& x, const HalfWindowBases& bases, int64_t siz
   const at::Tensor z = window_parts(x.reshape({nb * C, x.size(2), x.size(3)}), bases);
   const WindowIndex<T> w{z.data_ptr<T>(), bases.nr, bases.nc, size};
   const T *mix = mix_weight.data_ptr<T>(), *embed = freq_embed.data_ptr<T>();
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t q = 0; q < bins; ++q) {
-      T* srow = s + (b * bins + q) * C;
-      for (int64_t c = 0; c < C; ++c) srow[c] = std::log1p(w.magnitude(b * C + c, q / size, q % size));
-      T* frow = f + (b * bins + q) * m;
-      for (int64_t j = 0; j < m; ++j) {
-        T acc = 0;
-        for (int64_t c = 0; c < C; ++c) acc += srow[c] * mix[j * C + c];
-        frow[j] = acc + embed[q * m + j];
+  parallel_ranges(nb, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t q = 0; q < bins; ++q) {
+        T* srow = s + (b * bins + q) * C;
+        for (int64_t c = 0; c < C; ++c) srow[c] = std::log1p(w.magnitude(b * C + c, q / size, q % size));
+        T* frow = f + (b * bins + q) * m;
+        for (int64_t j = 0; j < m; ++j) {
+          T acc = 0;
+          for (int64_t c = 0; c < C; ++c) acc += srow[c] * mix[j * C + c];
+          frow[j] = acc + embed[q * m + j];
+        }
       }
     }
-  }
+  });
 }
 
 // pooled (nb, d) = mean over the bins of a2 (nb*bins, d), summed in bin order.
@@ -139,8 +143,11 @@ template <typename T>
 void pooled_head(const at::Tensor& f, int64_t nb, const Params& p, const HeadWeightsF32* head, const at::Tensor& b1,
                  const at::Tensor& w1_t, const at::Tensor& b2, const at::Tensor& w2_t, T* pooled) {
   if constexpr (std::is_same_v<T, float>) {
-    std::vector<float> scratch(kRows * (2 * head->view.hp + head->view.dp));
-    head_forward_f32(f.data_ptr<float>(), nb, p.bins, head->view, pooled, scratch.data());
+    const float* rows = f.data_ptr<float>();
+    parallel_ranges(nb, [&](int64_t b0, int64_t b1) {  // samples are independent
+      std::vector<float> scratch(kRows * (2 * head->view.hp + head->view.dp));
+      head_forward_f32(rows + b0 * p.bins * p.m, b1 - b0, p.bins, head->view, pooled + b0 * p.d, scratch.data());
+    });
     for (int64_t i = 0; i < nb * p.d; ++i) pooled[i] /= static_cast<float>(p.bins);
   } else {
     const at::Tensor a2 = at::gelu(at::addmm(b2, at::gelu(at::addmm(b1, f, w1_t)), w2_t)).contiguous();
@@ -156,27 +163,40 @@ struct HeadGrads {
 
 HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& grad, const at::Tensor& w1,
                         const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, float) {
-  // The fused head, a sample at a time: its bins' activations stay in cache, and its
-  // parameter gradients are summed per sample before the batch totals.
+  // The fused head, a sample at a time: its bins' activations stay in cache. Samples go
+  // in a fixed number of groups (at most kGradGroups, by B alone) spread over torch's
+  // threads; each group sums its samples' parameter gradients in sample order, and the
+  // groups are summed in group order, so the result does not depend on the threads.
   const auto opts = f.options();
   HeadGrads out{at::empty({p.B * p.bins, p.m}, opts), at::empty({p.h, p.m}, opts), at::empty({p.h}, opts),
                 at::empty({p.d, p.h}, opts), at::empty({p.d}, opts)};
   const HeadWeightsF32 head(w1, b1, w2, b2);
   const int64_t hp = head.view.hp, dp = head.view.dp, mp = head.view.mp, rows = padded_rows(p.bins);
-  std::vector<float> g1(rows * hp), a1(rows * hp), g2(rows * dp), pooled(p.d), gp(p.d);  // token_head.h
-  std::vector<float> scratch(kRows * (dp + hp + mp)), sample(p.m * hp + hp + p.d * hp + dp);
-  std::vector<float> total(sample.size(), 0.0f);  // g_w1t (m, hp) | g_b1 (hp) | g_w2 (d, hp) | g_b2 (dp)
-  float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const float* fb = f.data_ptr<float>() + b * p.bins * p.m;
-    head_forward_keep_f32(fb, p.bins, head.view, g1.data(), a1.data(), g2.data(), pooled.data());
-    for (float& v : pooled) v /= static_cast<float>(p.bins);
-    pooled_grad(pooled.data(), grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
-    std::fill(sample.begin(), sample.end(), 0.0f);
-    head_backward_f32(fb, p.bins, head.view, gp.data(), g1.data(), a1.data(), g2.data(), s_w1t, s_b1, s_w2, s_b2,
-                      out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
-    for (size_t i = 0; i < total.size(); ++i) total[i] += sample[i];
-  }
+  const int64_t per_sample = p.m * hp + hp + p.d * hp + dp;  // g_w1t (m, hp) | g_b1 (hp) | g_w2 (d, hp) | g_b2 (dp)
+  const int64_t groups = std::min<int64_t>(p.B, kGradGroups);
+  const int64_t group_size = groups > 0 ? (p.B + groups - 1) / groups : 0;
+  std::vector<float> partial(groups * per_sample, 0.0f);
+  parallel_ranges(groups, [&](int64_t g0, int64_t g1_end) {
+    std::vector<float> g1(rows * hp), a1(rows * hp), g2(rows * dp), pooled(p.d), gp(p.d);  // token_head.h
+    std::vector<float> scratch(kRows * (dp + hp + mp)), sample(per_sample);
+    float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
+    for (int64_t g = g0; g < g1_end; ++g) {
+      float* sum = partial.data() + g * per_sample;
+      for (int64_t b = g * group_size; b < std::min(p.B, (g + 1) * group_size); ++b) {
+        const float* fb = f.data_ptr<float>() + b * p.bins * p.m;
+        head_forward_keep_f32(fb, p.bins, head.view, g1.data(), a1.data(), g2.data(), pooled.data());
+        for (float& v : pooled) v /= static_cast<float>(p.bins);
+        pooled_grad(pooled.data(), grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
+        std::fill(sample.begin(), sample.end(), 0.0f);
+        head_backward_f32(fb, p.bins, head.view, gp.data(), g1.data(), a1.data(), g2.data(), s_w1t, s_b1, s_w2,
+                          s_b2, out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
+        for (int64_t i = 0; i < per_sample; ++i) sum[i] += sample[i];
+      }
+    }
+  });
+  std::vector<float> total(per_sample, 0.0f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < per_sample; ++i) total[i] += partial[g * per_sample + i];
   const float *t_w1t = total.data(), *t_b1 = t_w1t + p.m * hp, *t_w2 = t_b1 + hp, *t_b2 = t_w2 + p.d * hp;
   float *gw1 = out.g_w1.data_ptr<float>(), *gw2 = out.g_w2.data_ptr<float>();
   for (int64_t i = 0; i < p.m; ++i)
@@ -223,8 +243,8 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
   const at::Tensor w1_t = w1.t(), w2_t = w2.t();
   std::unique_ptr<HeadWeightsF32> head;  // float32: the fused head (token_head.h)
   if (x.scalar_type() == at::kFloat) head = std::make_unique<HeadWeightsF32>(w1, b1, w2, b2);
-  // Serial over chunks (each ATen call inside runs on torch's intra-op threads): a
-  // chunk's images and activations stay in cache, and a small batch is one chunk.
+  // Serial over chunks (a chunk's samples, and each ATen call, run on torch's intra-op
+  // threads): a chunk's images and activations stay in cache, and a small batch is one chunk.
   const int64_t activations = p.bins * (p.C + p.m + p.h + p.d);  // per sample: s, f, a1, a2
   const int64_t chunk = samples_per_task(p.B, std::max(x.stride(0), activations) * x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spectral_token_cpu", [&] {
