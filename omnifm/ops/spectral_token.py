@@ -190,9 +190,23 @@ def _backward(ctx, grad):
     return (_grad_x(ctx, x, g_s), *(grads[n] for n in PARAM_NAMES), None)
 
 
-def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, grad_bins):
+def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, grad_bins, kept=None):
     g_s = x.new_empty(x.shape[0], x.shape[1], size, size) if grad_bins else x.new_empty(0)
     return (*(torch.empty_like(p) for p in (mix_weight, freq_embed, w1, b1, w2, b2)), g_s)
+
+
+def kept_numel(batch, channels, mix_dim, hidden_dim, dim, bins):
+    """Size of what the compiled float32 training forward keeps for its backward (the
+    layout KeptLayout in spectral_token_kernel.cpp): the bins and FreqMix rows, then per
+    sample the head's activations at 8-row blocks and 16-column tiles, then the means."""
+    rows, hp, dp = -(-bins // 8) * 8, -(-hidden_dim // 16) * 16, -(-dim // 16) * 16
+    return batch * (bins * (channels + mix_dim) + rows * (2 * hp + dp) + dim)
+
+
+def _fake_saving(x, mix_weight, freq_embed, w1, b1, w2, b2, size):
+    B, C = x.shape[:2]
+    n = kept_numel(B, C, mix_weight.shape[0], w1.shape[0], w2.shape[0], size * size) if x.dtype == torch.float32 else 0
+    return _fake(x, mix_weight, freq_embed, w1, b1, w2, b2, size), x.new_empty(n)
 
 
 # The compiled op's autograd is registered in C++ (spectral_token_kernel.cpp): its
@@ -200,3 +214,4 @@ def _fake_ext_backward(grad, x, mix_weight, freq_embed, w1, b1, w2, b2, size, gr
 _backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context, ext_autograd=False)
 if _backend.ext_status(OP, "cpu") is None:
     torch.library.register_fake("omnifm::spectral_token_backward")(_fake_ext_backward)
+    torch.library.register_fake("omnifm::spectral_token_saving")(_fake_saving)

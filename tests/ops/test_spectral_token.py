@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnifm.ops import spectral_token, spectral_token_ref
-from omnifm.ops.spectral_token import token_head
+from omnifm.ops.spectral_token import kept_numel, token_head
 from tests.helpers import assert_close_to_ref, fast_backends, forced, relerr
 from tests.ops.test_lowpass_spectrum import CHUNKED_BATCHES, CROSS, TILE, crossing, numpy_oracle
 
@@ -274,6 +274,68 @@ def test_opcheck_ext_backward(grad_bins):
     *other, _ = torch.ops.omnifm.spectral_token_backward(grad, x, *params, 6, not grad_bins)
     for a, b in zip(grads, other):
         assert torch.equal(a, b)
+
+
+@given(case=token_cases(max_hw=16, max_size=9, batch=st.integers(1, 11), d=st.integers(1, 40)),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=12, deadline=None)
+def test_saving_forward_and_kept_backward_equal_recompute(case, seed):
+    """A training forward (spectral_token_saving) gives spectral_token's tokens bit for
+    bit, and the backward that reads what it kept gives the recomputing backward's
+    gradients bit for bit, on ragged 8-bin blocks and 16-column tiles and batches of
+    several sample groups; its kept tensor has the size the fake kernel announces."""
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    size = case["size"]
+    x, *params = make_inputs(**case, dtype=torch.float32)
+    out, kept = torch.ops.omnifm.spectral_token_saving(x, *params, size)
+    assert kept.shape == (kept_numel(case["B"], case["C"], case["m"], case["h"], case["d"], size * size),)
+    assert torch.equal(out, torch.ops.omnifm.spectral_token(x, *params, size))
+    grad = torch.randn(case["B"], case["d"], generator=torch.Generator().manual_seed(seed))
+    from_kept = torch.ops.omnifm.spectral_token_backward(grad, x, *params, size, True, kept)
+    recomputed = torch.ops.omnifm.spectral_token_backward(grad, x, *params, size, True)
+    for name, a, b in zip(("mix_weight", "freq_embed", "w1", "b1", "w2", "b2", "bins"), from_kept, recomputed):
+        assert torch.equal(a, b), name
+
+
+def test_saving_opcheck_and_float64():
+    """spectral_token_saving as an op (fake kernel, schema, dispatch) in both dtypes; in
+    float64 it keeps nothing and the backward recomputes; a kept tensor of the wrong
+    size or dtype is refused, naming it."""
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    for dtype in (torch.float32, torch.float64):
+        x, *params = make_inputs(3, 2, 12, 10, 6, 5, 7, 9, dtype=dtype)
+        torch.library.opcheck(torch.ops.omnifm.spectral_token_saving, (x, *params, 6))
+        out, kept = torch.ops.omnifm.spectral_token_saving(x, *params, 6)
+        assert kept.numel() == (0 if dtype == torch.float64 else kept_numel(3, 2, 5, 7, 9, 36))
+        grad = torch.randn(3, 9, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        torch.library.opcheck(torch.ops.omnifm.spectral_token_backward, (grad, x, *params, 6, False, kept))
+    x, *params = make_inputs(3, 2, 12, 10, 6, 5, 7, 9, dtype=torch.float32)
+    _, kept = torch.ops.omnifm.spectral_token_saving(x, *params, 6)
+    grad = torch.randn(3, 9)
+    for bad in (kept[:-1], kept.double()):
+        with pytest.raises(ValueError, match="^kept:"):
+            torch.ops.omnifm.spectral_token_backward(grad, x, *params, 6, False, bad)
+
+
+def test_ext_backward_independent_of_threads():
+    """The float32 backward sums parameter gradients over fixed sample groups, in a
+    fixed order: bitwise the same with 1 and 2 threads, kept or recomputed."""
+    if ("ext", "cpu") not in BACKENDS:
+        pytest.skip("ext not available here")
+    x, *params = make_inputs(13, 3, 16, 16, 8, 5, 21, 19, dtype=torch.float32)
+    grad = torch.randn(13, 19, generator=torch.Generator().manual_seed(2))
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, kept = torch.ops.omnifm.spectral_token_saving(x, *params, 8)
+            results.append((out, *torch.ops.omnifm.spectral_token_backward(grad, x, *params, 8, True, kept),
+                            *torch.ops.omnifm.spectral_token_backward(grad, x, *params, 8, True)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_token_head_is_reference_tail():

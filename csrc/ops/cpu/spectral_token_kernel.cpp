@@ -137,6 +137,24 @@ struct HeadWeightsF32 {
   }
 };
 
+// What a training forward keeps for its backward (float32), in one flat tensor, so
+// the backward runs neither the window DFT nor the head's forward again:
+//   s (B*bins, C) | f (B*bins, m) | per sample: g1 (rows, hp) | a1 (rows, hp) | g2 (rows, dp)
+//   | pooled (B, d)
+// rows = padded_rows(bins); hp, dp: h, d padded (token_head.h); g1, g2: GELU's
+// derivative at the pre-activations; pooled: the mean over the bins, before the L2
+// normalisation. kept_numel in omnifm/ops/spectral_token.py repeats this size.
+struct KeptLayout {
+  int64_t s, f, head, pooled, per_sample, numel;  // offsets, a sample's head block, total
+
+  explicit KeptLayout(const Params& p) {
+    const int64_t rows = padded_rows(p.bins);
+    per_sample = rows * (2 * padded(p.h) + padded(p.d));
+    s = 0, f = p.B * p.bins * p.C, head = f + p.B * p.bins * p.m;
+    pooled = head + p.B * per_sample, numel = pooled + p.B * p.d;
+  }
+};
+
 // pooled (nb, d): the mean over each sample's bins of the head on the rows f
 // (nb * bins, m); the fused loops in float32, ATen's products and GELUs in float64.
 template <typename T>
@@ -161,8 +179,9 @@ struct HeadGrads {
   at::Tensor g_f, g_w1, g_b1, g_w2, g_b2;
 };
 
+// kept: the forward's head blocks and pooled means (KeptLayout), or null to recompute them.
 HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& grad, const at::Tensor& w1,
-                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, float) {
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const float* kept) {
   // The fused head, a sample at a time: its bins' activations stay in cache. Samples go
   // in a fixed number of groups (at most kGradGroups, by B alone) spread over torch's
   // threads; each group sums its samples' parameter gradients in sample order, and the
@@ -173,6 +192,7 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
   const HeadWeightsF32 head(w1, b1, w2, b2);
   const int64_t hp = head.view.hp, dp = head.view.dp, mp = head.view.mp, rows = padded_rows(p.bins);
   const int64_t per_sample = p.m * hp + hp + p.d * hp + dp;  // g_w1t (m, hp) | g_b1 (hp) | g_w2 (d, hp) | g_b2 (dp)
+  const KeptLayout layout(p);
   const int64_t groups = std::min<int64_t>(p.B, kGradGroups);
   const int64_t group_size = groups > 0 ? (p.B + groups - 1) / groups : 0;
   std::vector<float> partial(groups * per_sample, 0.0f);
@@ -184,12 +204,18 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
       float* sum = partial.data() + g * per_sample;
       for (int64_t b = g * group_size; b < std::min(p.B, (g + 1) * group_size); ++b) {
         const float* fb = f.data_ptr<float>() + b * p.bins * p.m;
-        head_forward_keep_f32(fb, p.bins, head.view, g1.data(), a1.data(), g2.data(), pooled.data());
-        for (float& v : pooled) v /= static_cast<float>(p.bins);
-        pooled_grad(pooled.data(), grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
+        const float *kg1 = g1.data(), *ka1 = a1.data(), *kg2 = g2.data(), *kpooled = pooled.data();
+        if (kept != nullptr) {
+          kg1 = kept + layout.head + b * layout.per_sample, ka1 = kg1 + rows * hp, kg2 = ka1 + rows * hp;
+          kpooled = kept + layout.pooled + b * p.d;
+        } else {
+          head_forward_keep_f32(fb, p.bins, head.view, g1.data(), a1.data(), g2.data(), pooled.data());
+          for (float& v : pooled) v /= static_cast<float>(p.bins);
+        }
+        pooled_grad(kpooled, grad.data_ptr<float>() + b * p.d, p.d, p.bins, gp.data());
         std::fill(sample.begin(), sample.end(), 0.0f);
-        head_backward_f32(fb, p.bins, head.view, gp.data(), g1.data(), a1.data(), g2.data(), s_w1t, s_b1, s_w2,
-                          s_b2, out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
+        head_backward_f32(fb, p.bins, head.view, gp.data(), kg1, ka1, kg2, s_w1t, s_b1, s_w2, s_b2,
+                          out.g_f.data_ptr<float>() + b * p.bins * p.m, scratch.data());
         for (int64_t i = 0; i < per_sample; ++i) sum[i] += sample[i];
       }
     }
@@ -208,7 +234,7 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
 }
 
 HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& grad, const at::Tensor& w1,
-                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, double) {
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const double*) {
   const int64_t rows = p.B * p.bins;
   const at::Tensor h1 = at::addmm(b1, f, w1.t());
   const at::Tensor a1 = at::gelu(h1);
@@ -267,15 +293,53 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
   return out;
 }
 
+// spectral_token for a training step: the tokens (B, d) and, in float32, what the
+// backward needs (KeptLayout), so it runs neither the window DFT nor the head's forward
+// again; in float64 an empty tensor (its backward recomputes through ATen).
+std::tuple<at::Tensor, at::Tensor> spectral_token_saving_cpu(const at::Tensor& x_in, const at::Tensor& mix_weight_in,
+                                                             const at::Tensor& freq_embed_in, const at::Tensor& w1,
+                                                             const at::Tensor& b1, const at::Tensor& w2,
+                                                             const at::Tensor& b2, int64_t size) {
+  const Params p = check_inputs(x_in, mix_weight_in, freq_embed_in, w1, b1, w2, b2, size);
+  if (x_in.scalar_type() != at::kFloat)
+    return {spectral_token_cpu(x_in, mix_weight_in, freq_embed_in, w1, b1, w2, b2, size), at::empty({0}, x_in.options())};
+  const at::Tensor x = x_in.contiguous(), mix_weight = mix_weight_in.contiguous();
+  const at::Tensor freq_embed = freq_embed_in.contiguous();
+  const KeptLayout layout(p);
+  at::Tensor kept = new_output({layout.numel}, x.options());  // every entry is written (tests poison it)
+  at::Tensor out = new_output({p.B, p.d}, x.options());
+  if (p.B == 0) return {out, kept};
+  const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
+  float* k = kept.data_ptr<float>();
+  bins_and_mix<float>(x, bases, size, mix_weight, freq_embed, k + layout.s, k + layout.f);
+  const HeadWeightsF32 head(w1, b1, w2, b2);
+  const int64_t rows = padded_rows(p.bins), hp = head.view.hp;
+  float* o = out.data_ptr<float>();
+  parallel_ranges(p.B, [&](int64_t b0, int64_t b1_end) {  // samples are independent
+    for (int64_t b = b0; b < b1_end; ++b) {
+      float *g1 = k + layout.head + b * layout.per_sample, *pooled = k + layout.pooled + b * p.d;
+      head_forward_keep_f32(k + layout.f + b * p.bins * p.m, p.bins, head.view, g1, g1 + rows * hp,
+                            g1 + 2 * rows * hp, pooled);
+      for (int64_t e = 0; e < p.d; ++e) pooled[e] /= static_cast<float>(p.bins);
+      const float n = std::max(norm_of(pooled, p.d), static_cast<float>(kEps));
+      for (int64_t e = 0; e < p.d; ++e) o[b * p.d + e] = pooled[e] / n;
+    }
+  });
+  return {out, kept};
+}
+
 // Gradients of sum(grad * spectral_token(x, ...)) with respect to mix_weight,
 // freq_embed, w1, b1, w2, b2 and, when grad_bins, the log-magnitude bins s
 // (B, C, K, K) (the caller maps that through the DFT's adjoint to x); else an empty
-// tensor in that slot. Recomputes the forward, keeping the pre-activations (float32: a
-// sample at a time in the fused head; float64: the whole batch through ATen).
+// tensor in that slot. With `kept` from spectral_token_saving (float32) it reads the
+// forward's bins and activations; without, it recomputes the forward, keeping the
+// pre-activations (float32: a sample at a time in the fused head; float64: the whole
+// batch through ATen).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mix_weight_in,
                             const at::Tensor& freq_embed_in, const at::Tensor& w1_in, const at::Tensor& b1,
-                            const at::Tensor& w2_in, const at::Tensor& b2, int64_t size, bool grad_bins) {
+                            const at::Tensor& w2_in, const at::Tensor& b2, int64_t size, bool grad_bins,
+                            const c10::optional<at::Tensor>& kept_in) {
   const Params p = check_inputs(x_in, mix_weight_in, freq_embed_in, w1_in, b1, w2_in, b2, size);
   TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({p.B, p.d}), "grad: expected shape (B, d) = (", p.B, ", ",
                     p.d, "), got ", grad_in.sizes());
@@ -284,13 +348,28 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const int64_t rows = p.B * p.bins;
   const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
-  at::Tensor s = at::empty({rows, p.C}, x.options()), f = at::empty({rows, p.m}, x.options());
+  const bool use_kept = kept_in.has_value() && kept_in->numel() > 0;
+  at::Tensor kept;
+  if (use_kept) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && kept_in->scalar_type() == at::kFloat &&
+                          kept_in->dim() == 1 && kept_in->numel() == KeptLayout(p).numel,
+                      "kept: expected the float32 tensor spectral_token_saving returned for these inputs");
+    kept = kept_in->contiguous();
+  }
+  at::Tensor s, f;
+  if (use_kept) {
+    const KeptLayout layout(p);
+    s = kept.narrow(0, layout.s, rows * p.C).view({rows, p.C});
+    f = kept.narrow(0, layout.f, rows * p.m).view({rows, p.m});
+  } else {
+    s = at::empty({rows, p.C}, x.options()), f = at::empty({rows, p.m}, x.options());
+  }
   at::Tensor g_mix = at::zeros({p.m, p.C}, x.options()), g_embed = at::zeros({p.bins, p.m}, x.options());
   at::Tensor g_b1, g_b2, g_w1, g_w2, g_s = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spectral_token_backward_cpu", [&] {
     using T = scalar_t;
-    if (p.B > 0) bins_and_mix<T>(x, bases, size, mix_weight, freq_embed, s.data_ptr<T>(), f.data_ptr<T>());
-    HeadGrads head = head_backward(f, p, grad, w1, b1, w2, b2, T{});
+    if (p.B > 0 && !use_kept) bins_and_mix<T>(x, bases, size, mix_weight, freq_embed, s.data_ptr<T>(), f.data_ptr<T>());
+    HeadGrads head = head_backward(f, p, grad, w1, b1, w2, b2, use_kept ? kept.data_ptr<T>() : nullptr);
     const at::Tensor& g_f = head.g_f;
     g_w1 = head.g_w1, g_b1 = head.g_b1, g_w2 = head.g_w2, g_b2 = head.g_b2;
     // The FreqMix gradients: C and m are small, one pass over g_f.
@@ -352,7 +431,13 @@ at::Tensor log_magnitude_grad(const at::Tensor& x, int64_t size, const at::Tenso
 }
 
 using TokenFn = decltype(spectral_token_cpu);
+using SavingFn = decltype(spectral_token_saving_cpu);
 using TokenBackwardFn = decltype(spectral_token_backward_cpu);
+
+const c10::TypedOperatorHandle<TokenFn>& token_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::spectral_token", "").typed<TokenFn>();
+  return op;
+}
 
 class SpectralTokenFunction : public torch::autograd::Function<SpectralTokenFunction> {
  public:
@@ -360,11 +445,13 @@ class SpectralTokenFunction : public torch::autograd::Function<SpectralTokenFunc
                             const at::Tensor& freq_embed, const at::Tensor& w1, const at::Tensor& b1,
                             const at::Tensor& w2, const at::Tensor& b2, int64_t size) {
     static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::spectral_token", "").typed<TokenFn>();
+        c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::spectral_token_saving", "").typed<SavingFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, mix_weight, freq_embed, w1, b1, w2, b2});
     ctx->saved_data["size"] = size;
-    return op.call(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
+    auto [out, kept] = op.call(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
+    ctx->saved_data["kept"] = kept;  // not an input or output: kept as data, like size
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -373,9 +460,10 @@ class SpectralTokenFunction : public torch::autograd::Function<SpectralTokenFunc
                                .typed<TokenBackwardFn>();
     const variable_list v = ctx->get_saved_variables();
     const int64_t size = ctx->saved_data["size"].toInt();
+    const at::Tensor kept = ctx->saved_data["kept"].toTensor();
     const bool x_grad = ctx->needs_input_grad(0);
     auto [g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, g_s] =
-        op.call(grads[0].contiguous(), v[0], v[1], v[2], v[3], v[4], v[5], v[6], size, x_grad);
+        op.call(grads[0].contiguous(), v[0], v[1], v[2], v[3], v[4], v[5], v[6], size, x_grad, kept);
     const at::Tensor g_x = x_grad ? log_magnitude_grad(v[0], size, g_s) : at::Tensor();
     return {g_x, g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, at::Tensor()};
   }
@@ -384,6 +472,12 @@ class SpectralTokenFunction : public torch::autograd::Function<SpectralTokenFunc
 at::Tensor spectral_token_autograd(const at::Tensor& x, const at::Tensor& mix_weight, const at::Tensor& freq_embed,
                                    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                    const at::Tensor& b2, int64_t size) {
+  bool needs_grad = false;
+  for (const at::Tensor* t : {&x, &mix_weight, &freq_embed, &w1, &b1, &w2, &b2}) needs_grad |= t->requires_grad();
+  if (!at::GradMode::is_enabled() || !needs_grad) {  // nothing to record: no activations to keep
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return token_op().call(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
+  }
   return SpectralTokenFunction::apply(x, mix_weight, freq_embed, w1, b1, w2, b2, size);
 }
 
@@ -395,6 +489,7 @@ TORCH_LIBRARY_IMPL(omnifm, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
   m.impl("spectral_token", &spectral_token_cpu);
+  m.impl("spectral_token_saving", &spectral_token_saving_cpu);
   m.impl("spectral_token_backward", &spectral_token_backward_cpu);
 }
 
