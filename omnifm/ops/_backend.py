@@ -89,8 +89,10 @@ def ext_status(op_name, device_type):
     return None
 
 
-def choose(checks, device_type):
-    """checks: {backend: callable() -> None | reason}. Returns a Choice."""
+def choose(checks, device_type, explain=False):
+    """checks: {backend: callable() -> None | reason}. Returns a Choice. The checks after
+    the first usable backend run only with explain=True (backend_info() reports why
+    each backend was or was not used; an op's call needs only the backend)."""
     forced = forced_backend()
     if forced is not None:
         reason = checks[forced]()
@@ -99,6 +101,8 @@ def choose(checks, device_type):
         return Choice(forced, {b: "OMNIFM_BACKEND forces " + forced for b in BACKENDS if b != forced})
     skipped, chosen = {}, None
     for name in PRIORITY.get(device_type, ("reference",)):
+        if chosen is not None and not explain:
+            break
         reason = checks[name]()
         if chosen is None and reason is None:
             chosen = name

@@ -62,9 +62,14 @@ def _validate(queries, bank, k, n_valid):
     n_valid = bank.shape[0] if n_valid is None else n_valid
     check_int(n_valid, "n_valid", 1, bank.shape[0])
     check_int(k, "k", 1, n_valid)
+    return n_valid
+
+
+def _check_finite(queries):
+    """The compiled kernel checks its queries' norms itself (one pass it makes anyway);
+    the other backends check here."""
     if not torch.compiler.is_compiling() and not torch.isfinite(queries).all():
         raise ValueError("queries: contains NaN or Inf")
-    return n_valid
 
 
 def backend_checks(dev, cd, k=1):
@@ -227,6 +232,8 @@ def cosine_topk(queries, bank, k, *, n_valid=None, prepared=None):
         _check_prepared(prepared, bank, n_valid)
     cd = _compute_dtype(queries, bank)
     backend = _backend.choose(backend_checks(queries.device.type, cd, k), queries.device.type).backend
+    if backend != "ext":
+        _check_finite(queries)
     if backend == "ext" and _use_screen(queries, bank, n_valid, prepared):
         out = _screened(queries, bank, k, n_valid, prepared)
         if out is not None:

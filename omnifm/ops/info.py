@@ -60,7 +60,7 @@ def backend_info(dtype=torch.float32):
         ops[name] = {}
         for dev in ("cpu", "cuda"):
             try:
-                choice = _backend.choose(checks(dev, dtype), dev)
+                choice = _backend.choose(checks(dev, dtype), dev, explain=True)
                 ops[name][dev] = {"backend": choice.backend, "skipped": choice.skipped}
             except _backend.BackendUnavailableError as exc:
                 ops[name][dev] = {"backend": None, "skipped": {"error": str(exc)}}

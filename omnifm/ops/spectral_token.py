@@ -119,12 +119,18 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad, work), x.device.type).backend
     if backend == "reference":
         return spectral_token_ref(x, *params, size=size)
-    params = [p.to(cd) for p in params]
+    params = [_as(p, cd) for p in params]
     if backend == "ext":
-        out = torch.ops.omnifm.spectral_token(x.to(cd), *params, size)
+        out = torch.ops.omnifm.spectral_token(_as(x, cd), *params, size)
     else:  # triton reads float16/bfloat16/float32 x as is
         out = torch.ops.omnifm.spectral_token_triton(x if x.dtype != torch.float64 else x.to(cd), *params, size)
-    return out.to(out_dtype)
+    return _as(out, out_dtype)
+
+
+def _as(t, dtype):
+    """t in dtype; t itself when it already is (a training step calls this op once per
+    step, and every torch call there costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --- registration: fake kernels and backwards. The Triton op's backward recomputes the

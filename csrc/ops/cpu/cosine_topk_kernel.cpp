@@ -24,15 +24,21 @@ constexpr int64_t kTileRows = 1024;
 constexpr int64_t kQueryBlock = 4096;  // bounds the similarity buffer: 16 MiB in float32
 constexpr double kEps = 1e-12;
 
-// 1 / max(|row|, eps) of each row of a (n, d) block, with the reference's own ATen
-// expression, so the scores match it bit for bit. The first non-finite norm (a
-// non-finite entry, or a norm that overflows) is reported at global row offset + i.
+// 1 / max(|row|, eps) of each row of a (n, d) block. The norm is the reference's own
+// ATen call, so the scores match it bit for bit; the clamp and the reciprocal are
+// exact in any form (IEEE max and division), so they run here in one loop with the
+// finiteness check, not as four more ATen calls (each costs more than a small bank's
+// arithmetic). The first non-finite norm (a non-finite entry, or a norm that
+// overflows) is reported at global row offset + i.
+template <typename T>
 at::Tensor inverse_norms(const at::Tensor& rows, int64_t offset, int64_t& bad_row) {
-  at::Tensor norms = at::linalg_vector_norm(rows, 2, {-1});
-  if (bad_row < 0 && !at::isfinite(norms).all().item<bool>()) {
-    bad_row = offset + at::logical_not(at::isfinite(norms)).nonzero()[0][0].item<int64_t>();
+  at::Tensor norms = at::linalg_vector_norm(rows, 2, {-1}).contiguous();
+  T* v = norms.data_ptr<T>();
+  for (int64_t i = 0; i < norms.numel(); ++i) {
+    if (!std::isfinite(v[i]) && bad_row < 0) bad_row = offset + i;
+    v[i] = T(1) / std::max(v[i], static_cast<T>(kEps));
   }
-  return at::reciprocal(norms.clamp_min(kEps));
+  return norms;
 }
 
 template <typename T>
@@ -41,7 +47,7 @@ void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n
   const int64_t B = q.size(0), d = q.size(1);
   const auto dtype = q.scalar_type();
   int64_t bad_query = -1, bad_row = -1;
-  const at::Tensor rq_t = inverse_norms(q, 0, bad_query);
+  const at::Tensor rq_t = inverse_norms<T>(q, 0, bad_query);
   TORCH_CHECK_VALUE(bad_query < 0, "queries: row ", bad_query, " is not finite");
   const T* rq = rq_t.data_ptr<T>();
 
@@ -57,7 +63,7 @@ void topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t n
     const int64_t rows = std::min(kTileRows, n_valid - r0);
     at::Tensor tile = bank.slice(0, r0, r0 + rows);
     if (convert) tile = tile_buf.narrow(0, 0, rows).copy_(tile);
-    const at::Tensor rb = inverse_norms(tile, r0, bad_row);
+    const at::Tensor rb = inverse_norms<T>(tile, r0, bad_row);
     const T* rb_p = rb.data_ptr<T>();
     for (int64_t q0 = 0; q0 < B; q0 += qblock) {
       const int64_t nq = std::min(qblock, B - q0);
