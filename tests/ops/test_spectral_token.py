@@ -401,12 +401,12 @@ def test_cpu_auto_dispatch_by_size():
         return ref.call_count == 1
 
     for grad in (False, True):
-        per_sample = module.head_work(1, 4, 3, 5, 6)
+        per_sample = module.head_work(1, 4, 3, 50, 300)
         fits = ceilings[grad] // per_sample  # samples of 4x4 whose head is at most the ceiling
         assert 16 * (fits + 1) < floors[grad]  # both batches are below the elements floor
-        assert not runs_reference(torch.rand(fits, 1, 4, 4), 6, grad)
-        assert runs_reference(torch.rand(fits + 1, 1, 4, 4), 6, grad)
-        assert runs_reference(torch.rand(fits, 1, 4, 4), 6, grad, dtype=torch.float64)  # no head allowance
+        assert not runs_reference(torch.rand(fits, 1, 4, 4), 300, grad, h=50)
+        assert runs_reference(torch.rand(fits + 1, 1, 4, 4), 300, grad, h=50)
+        assert runs_reference(torch.rand(2, 1, 4, 4), 6, grad, dtype=torch.float64)  # no head allowance
         # One image whose head is past the ceiling: the reference below the floor, ext at it.
         wide = ceilings[grad] // (4 * 4 * 50) + 1  # d with 16 bins * h=50 * (m + d) past the ceiling
         assert module.head_work(1, 4, 3, 50, wide) > ceilings[grad]
