@@ -48,8 +48,7 @@ at::Tensor window_magnitude(const at::Tensor& planes, const HalfWindowBases& bas
 
 // Samples per chunk of a kernel's serial loop over the batch: as many as keep a chunk's
 // images in cache (about 1 MiB), so a small batch is one chunk. The ATen calls inside a
-// chunk run on torch's intra-op threads (an extension built without -fopenmp runs
-// at::parallel_for serially, so chunks would not run in parallel anyway).
+// chunk, and its samples (parallel.h), run on torch's intra-op threads.
 int64_t samples_per_task(int64_t B, int64_t bytes_per_sample);
 
 }  // namespace cpu

@@ -1,14 +1,15 @@
 // CPU kernels of the spectral token (window DFT, log1p, FreqMix, MLP head, pooling, L2
 // normalisation). The forward takes chunks of samples sized to stay in cache and
-// writes only their (d,) rows. The backward recomputes the forward a sample at a time
-// and returns every parameter's gradient (and, when asked, the gradient of the
-// log-magnitude bins) from one call.
+// writes only their (d,) rows; a training forward (spectral_token_saving) also keeps
+// the bins and the head's activations. The backward reads those, or recomputes them a
+// sample at a time, and returns every parameter's gradient (and, when asked, the
+// gradient of the log-magnitude bins) from one call.
 // float32: the per-bin head (two linear maps and GELUs) runs as fused, vectorised loops
-// (token_head.h), so a training step makes two calls where the PyTorch form pays ~40
-// autograd nodes and ATen dispatches, each slowed by the backbone's convolutions having
-// just evicted it from the caches. float64: ATen runs the head's products and GELUs.
-// Where the head is large (many bins times a wide d) ATen's multithreaded products win:
-// see CPU_EXT_MAX_HEAD_WORK in omnifm/ops/spectral_token.py.
+// (token_head.h), samples spread over torch's threads, so a training step makes two
+// calls where the PyTorch form pays ~40 autograd nodes and ATen dispatches, each slowed
+// by the backbone's convolutions having just evicted it from the caches. float64: ATen
+// runs the head's products and GELUs. The CPU dispatcher's size rule:
+// CPU_EXT_MIN_ELEMENTS and CPU_EXT_MAX_HEAD_WORK in omnifm/ops/spectral_token.py.
 #include <ATen/Dispatch.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
