@@ -60,9 +60,13 @@ class Client:
 
 def fetch(dataset, idx):
     """Items idx (int64 tensor) of dataset as one batch: whole-tensor indexing for an
-    in-memory TensorDataset, else item by item (files) through default_collate."""
+    in-memory TensorDataset or a dataset with its own `fetch_batch(idx)` (what default_collate
+    would make of its items, in one indexing per field), else item by item (files)
+    through default_collate."""
     if isinstance(dataset, TensorDataset):
         return tuple(t[idx] for t in dataset.tensors)
+    if hasattr(dataset, "fetch_batch"):
+        return dataset.fetch_batch(idx)
     return default_collate([dataset[i] for i in idx.tolist()])
 
 

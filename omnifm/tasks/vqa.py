@@ -281,6 +281,11 @@ class VQADataset(Dataset):
         return ({"image": self.images[self.image[i]], "input_ids": self.input_ids[i],
                  "attention_mask": self.attention_mask[i]}, self.targets[i])
 
+    def fetch_batch(self, idx):
+        """Items idx (int64 tensor) as one batch, as default_collate stacks them."""
+        return ({"image": self.images[self.image[idx]], "input_ids": self.input_ids[idx],
+                 "attention_mask": self.attention_mask[idx]}, self.targets[idx])
+
 
 class VQATask(Task):
     name = "vqa"

@@ -221,6 +221,24 @@ class Oracle(nn.Module):
         return self.logits[:len(x["input_ids"])]
 
 
+def test_fetch_batch_equals_collated_items():
+    """The federation's batches of a VQA split (one indexing per field) equal what
+    default_collate makes of the same items, shared images and repeated indices too."""
+    from torch.utils.data import default_collate
+
+    from omnifm.fl.client import fetch
+
+    g = torch.Generator().manual_seed(3)
+    n = 9
+    ds = VQADataset(torch.rand(4, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g),
+                    torch.randint(0, 50, (n, 6), generator=g), torch.randint(0, 2, (n, 6), generator=g),
+                    torch.randint(-1, 5, (n,), generator=g), torch.rand(n, generator=g) > 0.5, majority=0)
+    idx = torch.tensor([5, 0, 5, 8, 2])
+    (x, y), (want_x, want_y) = fetch(ds, idx), default_collate([ds[i] for i in idx.tolist()])
+    assert x.keys() == want_x.keys() and torch.equal(y, want_y)
+    assert all(torch.equal(x[k], want_x[k]) for k in x)
+
+
 def test_metrics_on_a_hand_checked_case():
     """targets 0 1 2 -1 (unseen), closed T T F F, predictions 0 0 2 1, client majority 1:
     right = T F T F -> accuracy 1/2, closed 1/2, open 1/2, majority (target == 1) 1/4."""
