@@ -350,16 +350,13 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   const int64_t rows = p.B * p.bins;
   const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
   const bool use_kept = kept_in.has_value() && kept_in->numel() > 0;
-  at::Tensor kept;
-  if (use_kept) {
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && kept_in->scalar_type() == at::kFloat &&
-                          kept_in->dim() == 1 && kept_in->numel() == KeptLayout(p).numel,
-                      "kept: expected the float32 tensor spectral_token_saving returned for these inputs");
-    kept = kept_in->contiguous();
-  }
-  at::Tensor s, f;
+  at::Tensor kept, s, f;  // s, f: the bins and FreqMix rows, kept or recomputed below
   if (use_kept) {
     const KeptLayout layout(p);
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && kept_in->scalar_type() == at::kFloat &&
+                          kept_in->dim() == 1 && kept_in->numel() == layout.numel,
+                      "kept: expected the float32 tensor spectral_token_saving returned for these inputs");
+    kept = kept_in->contiguous();
     s = kept.narrow(0, layout.s, rows * p.C).view({rows, p.C});
     f = kept.narrow(0, layout.f, rows * p.m).view({rows, p.m});
   } else {
