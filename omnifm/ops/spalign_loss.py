@@ -2,9 +2,14 @@
 
     spalign_loss(s, protos) -> scalar = mean over the batch of ||s - mean_k protos||^2
 
-s (B, d) spectral tokens, protos (B, k, d) the retrieved prototypes. One fused
-elementwise reduction is already what PyTorch runs, so this op has no kernel of its own.
+s (B, d) spectral tokens, protos (B, k, d) the retrieved prototypes. PyTorch's fused
+mse_loss (summed) already is the kernel: one op and one autograd node for the
+difference, square and sums (a training step calls this once, and each extra call
+there costs more than the arithmetic), so this op has no kernel of its own.
 """
+import torch
+import torch.nn.functional as F
+
 from ._checks import check_same_device, check_tensor
 
 
@@ -16,4 +21,7 @@ def spalign_loss(s, protos):
     if protos.shape[0] != s.shape[0] or protos.shape[2] != s.shape[1] or protos.shape[1] < 1:
         raise ValueError(f"protos: expected (B={s.shape[0]}, k>=1, d={s.shape[1]}), got {tuple(protos.shape)}")
     check_same_device(s=s, protos=protos)
-    return (s - protos.mean(1)).pow(2).sum(-1).mean()
+    dtype = torch.promote_types(s.dtype, protos.dtype)
+    target = protos.mean(1)
+    return F.mse_loss(s if s.dtype == dtype else s.to(dtype), target if target.dtype == dtype else target.to(dtype),
+                      reduction="sum") / s.shape[0]

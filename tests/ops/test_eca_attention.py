@@ -178,6 +178,8 @@ def test_spalign_loss_matches_definition():
     s.requires_grad_()
     protos.requires_grad_()
     assert torch.autograd.gradcheck(spalign_loss, (s, protos))
+    mixed = spalign_loss(s.detach().float(), protos.detach())  # float32 tokens, float64 prototypes: promoted
+    assert mixed.dtype == torch.float64 and abs(mixed.item() - want.item()) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["reference", "ext", "triton"])
