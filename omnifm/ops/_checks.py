@@ -60,6 +60,12 @@ def compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def as_dtype(t, dtype):
+    """t in dtype; t itself when it already is (ops called once per training step skip
+    the call: every torch call there costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def new_output(shape, dtype, device):
     """Output buffer of a kernel. With OMNIFM_POISON_OUTPUTS=1 (set by the tests) it
     starts as NaN, so an element the kernel forgets to write shows."""

@@ -10,7 +10,7 @@ there costs more than the arithmetic), so this op has no kernel of its own.
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_same_device, check_tensor
+from ._checks import as_dtype, check_same_device, check_tensor
 
 
 def spalign_loss(s, protos):
@@ -22,6 +22,4 @@ def spalign_loss(s, protos):
         raise ValueError(f"protos: expected (B={s.shape[0]}, k>=1, d={s.shape[1]}), got {tuple(protos.shape)}")
     check_same_device(s=s, protos=protos)
     dtype = torch.promote_types(s.dtype, protos.dtype)
-    target = protos.mean(1)
-    return F.mse_loss(s if s.dtype == dtype else s.to(dtype), target if target.dtype == dtype else target.to(dtype),
-                      reduction="sum") / s.shape[0]
+    return F.mse_loss(as_dtype(s, dtype), as_dtype(protos.mean(1), dtype), reduction="sum") / s.shape[0]

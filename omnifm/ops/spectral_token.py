@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_image, check_same_device, check_same_dtype, check_tensor, compute_dtype
+from ._checks import as_dtype, check_image, check_same_device, check_same_dtype, check_tensor, compute_dtype
 from ._dft import magnitude_grad, window_dft
 from .lowpass_spectrum import lowpass_spectrum_ref
 
@@ -121,18 +121,13 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad, work), x.device.type).backend
     if backend == "reference":
         return spectral_token_ref(x, *params, size=size)
-    params = [_as(p, cd) for p in params]
+    params = [as_dtype(p, cd) for p in params]
     if backend == "ext":
-        out = torch.ops.omnifm.spectral_token(_as(x, cd), *params, size)
+        out = torch.ops.omnifm.spectral_token(as_dtype(x, cd), *params, size)
     else:  # triton reads float16/bfloat16/float32 x as is
         out = torch.ops.omnifm.spectral_token_triton(x if x.dtype != torch.float64 else x.to(cd), *params, size)
-    return _as(out, out_dtype)
+    return as_dtype(out, out_dtype)
 
-
-def _as(t, dtype):
-    """t in dtype; t itself when it already is (a training step calls this op once per
-    step, and every torch call there costs microseconds)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --- registration: fake kernels and backwards. The Triton op's backward recomputes the

@@ -278,11 +278,11 @@ class VQADataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i):
-        return ({"image": self.images[self.image[i]], "input_ids": self.input_ids[i],
-                 "attention_mask": self.attention_mask[i]}, self.targets[i])
+        return self.fetch_batch(i)
 
     def fetch_batch(self, idx):
-        """Items idx (int64 tensor) as one batch, as default_collate stacks them."""
+        """Items idx (int64 tensor) as one batch, as default_collate stacks them (or, for
+        an int, the one item)."""
         return ({"image": self.images[self.image[idx]], "input_ids": self.input_ids[idx],
                  "attention_mask": self.attention_mask[idx]}, self.targets[idx])
 

@@ -223,7 +223,8 @@ class Oracle(nn.Module):
 
 def test_fetch_batch_equals_collated_items():
     """The federation's batches of a VQA split (one indexing per field) equal what
-    default_collate makes of the same items, shared images and repeated indices too."""
+    default_collate makes of the same items, built here from the split's fields (not
+    through the class), shared images and repeated indices too."""
     from torch.utils.data import default_collate
 
     from omnifm.fl.client import fetch
@@ -234,7 +235,10 @@ def test_fetch_batch_equals_collated_items():
                     torch.randint(0, 50, (n, 6), generator=g), torch.randint(0, 2, (n, 6), generator=g),
                     torch.randint(-1, 5, (n,), generator=g), torch.rand(n, generator=g) > 0.5, majority=0)
     idx = torch.tensor([5, 0, 5, 8, 2])
-    (x, y), (want_x, want_y) = fetch(ds, idx), default_collate([ds[i] for i in idx.tolist()])
+    items = [({"image": ds.images[ds.image[i]], "input_ids": ds.input_ids[i], "attention_mask": ds.attention_mask[i]},
+              ds.targets[i]) for i in idx.tolist()]
+    (x, y), (want_x, want_y) = fetch(ds, idx), default_collate(items)
+    assert ds[int(idx[0])][0]["image"].shape == (3, 8, 8)  # one item is an item, not a batch
     assert x.keys() == want_x.keys() and torch.equal(y, want_y)
     assert all(torch.equal(x[k], want_x[k]) for k in x)
 

@@ -256,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // The autograd of eca_core and eca_residual in C++: the adapter calls one of them once
-// per training step, and a
-// Python-registered backward costs two Python round trips (the forward's wrapper and
-// the backward's) that are slower than the op itself at a small backbone's sizes.
+// per training step, and a Python-registered backward costs two Python round trips
+// (the forward's wrapper and the backward's) that are slower than the op itself at a
+// small backbone's sizes.
 // Both directions go through the dispatcher, so fake tensors (torch.compile) reach the
 // fake kernels registered in omnifm/ops/eca_attention.py.
 namespace {

@@ -98,6 +98,13 @@ T norm_of(const T* v, int64_t n) {
   return std::sqrt(acc);
 }
 
+// token (d) = pooled / max(|pooled|, eps), as F.normalize.
+template <typename T>
+void write_token(const T* pooled, int64_t d, T* token) {
+  const T n = std::max(norm_of(pooled, d), static_cast<T>(kEps));
+  for (int64_t e = 0; e < d; ++e) token[e] = pooled[e] / n;
+}
+
 // g_pooled (d): dL/dpooled of normalize(pooled) for the token's gradient g, divided by
 // the bins (the mean's share of each bin): (I - t t^T) g / |p| where |p| > eps, g / eps
 // where the clamp is active.
@@ -285,10 +292,7 @@ at::Tensor spectral_token_cpu(const at::Tensor& x_in, const at::Tensor& mix_weig
       scalar_t* pool = pooled.data_ptr<scalar_t>();
       pooled_head<scalar_t>(f.narrow(0, 0, nb * p.bins), nb, p, head.get(), b1, w1_t, b2, w2_t, pool);
       scalar_t* o = out.data_ptr<scalar_t>() + b0 * p.d;
-      for (int64_t b = 0; b < nb; ++b) {
-        const scalar_t n = std::max(norm_of(pool + b * p.d, p.d), static_cast<scalar_t>(kEps));
-        for (int64_t e = 0; e < p.d; ++e) o[b * p.d + e] = pool[b * p.d + e] / n;
-      }
+      for (int64_t b = 0; b < nb; ++b) write_token(pool + b * p.d, p.d, o + b * p.d);
     }
   });
   return out;
@@ -322,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_token_saving_cpu(const at::Tensor& x
       head_forward_keep_f32(k + layout.f + b * p.bins * p.m, p.bins, head.view, g1, g1 + rows * hp,
                             g1 + 2 * rows * hp, pooled);
       for (int64_t e = 0; e < p.d; ++e) pooled[e] /= static_cast<float>(p.bins);
-      const float n = std::max(norm_of(pooled, p.d), static_cast<float>(kEps));
-      for (int64_t e = 0; e < p.d; ++e) o[b * p.d + e] = pooled[e] / n;
+      write_token(pooled, p.d, o + b * p.d);
     }
   });
   return {out, kept};
@@ -348,7 +351,6 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   const at::Tensor freq_embed = freq_embed_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const int64_t rows = p.B * p.bins;
-  const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
   const bool use_kept = kept_in.has_value() && kept_in->numel() > 0;
   at::Tensor kept, s, f;  // s, f: the bins and FreqMix rows, kept or recomputed below
   if (use_kept) {
@@ -366,7 +368,10 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   at::Tensor g_b1, g_b2, g_w1, g_w2, g_s = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spectral_token_backward_cpu", [&] {
     using T = scalar_t;
-    if (p.B > 0 && !use_kept) bins_and_mix<T>(x, bases, size, mix_weight, freq_embed, s.data_ptr<T>(), f.data_ptr<T>());
+    if (p.B > 0 && !use_kept) {
+      const HalfWindowBases bases = half_window_bases(x.size(2), x.size(3), size, x.scalar_type());
+      bins_and_mix<T>(x, bases, size, mix_weight, freq_embed, s.data_ptr<T>(), f.data_ptr<T>());
+    }
     HeadGrads head = head_backward(f, p, grad, w1, b1, w2, b2, use_kept ? kept.data_ptr<T>() : nullptr);
     const at::Tensor& g_f = head.g_f;
     g_w1 = head.g_w1, g_b1 = head.g_b1, g_w2 = head.g_w2, g_b2 = head.g_b2;
