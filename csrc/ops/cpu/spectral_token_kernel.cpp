@@ -206,7 +206,7 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
   std::vector<float> partial(groups * per_sample, 0.0f);
   parallel_ranges(groups, [&](int64_t g0, int64_t g1_end) {
     std::vector<float> g1(rows * hp), a1(rows * hp), g2(rows * dp), pooled(p.d), gp(p.d);  // token_head.h
-    std::vector<float> scratch(kRows * (dp + hp + mp)), sample(per_sample);
+    std::vector<float> scratch(backward_scratch(p.bins, head.view)), sample(per_sample);
     float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
     for (int64_t g = g0; g < g1_end; ++g) {
       float* sum = partial.data() + g * per_sample;
@@ -364,7 +364,7 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
   } else {
     s = at::empty({rows, p.C}, x.options()), f = at::empty({rows, p.m}, x.options());
   }
-  at::Tensor g_mix = at::zeros({p.m, p.C}, x.options()), g_embed = at::zeros({p.bins, p.m}, x.options());
+  at::Tensor g_mix = at::empty({p.m, p.C}, x.options()), g_embed = at::zeros({p.bins, p.m}, x.options());
   at::Tensor g_b1, g_b2, g_w1, g_w2, g_s = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spectral_token_backward_cpu", [&] {
     using T = scalar_t;
@@ -380,14 +380,14 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
     T *gm = g_mix.data_ptr<T>(), *ge = g_embed.data_ptr<T>();
     if (grad_bins) g_s = at::empty({p.B, p.C, size, size}, x.options());
     T* gs = grad_bins ? g_s.data_ptr<T>() : nullptr;
+    std::vector<T> gm_t(p.C * p.m, T(0));  // g_mix transposed (C, m): the loops below run along m
     for (int64_t r = 0; r < rows; ++r) {
       const T* gfr = gf + r * p.m;
       const T* sr = sp + r * p.C;
       T* ger = ge + (r % p.bins) * p.m;
-      for (int64_t j = 0; j < p.m; ++j) {
-        ger[j] += gfr[j];
-        for (int64_t c = 0; c < p.C; ++c) gm[j * p.C + c] += gfr[j] * sr[c];
-      }
+      for (int64_t j = 0; j < p.m; ++j) ger[j] += gfr[j];
+      for (int64_t c = 0; c < p.C; ++c)
+        for (int64_t j = 0; j < p.m; ++j) gm_t[c * p.m + j] += gfr[j] * sr[c];
       if (gs != nullptr) {
         const int64_t b = r / p.bins, q = r % p.bins;
         for (int64_t c = 0; c < p.C; ++c) {
@@ -397,6 +397,8 @@ spectral_token_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c
         }
       }
     }
+    for (int64_t j = 0; j < p.m; ++j)
+      for (int64_t c = 0; c < p.C; ++c) gm[j * p.C + c] = gm_t[c * p.m + j];
   });
   return {g_mix, g_embed, g_w1, g_b1, g_w2, g_b2, g_s};
 }

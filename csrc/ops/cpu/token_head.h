@@ -41,7 +41,11 @@ void head_forward_keep_f32(const float* f, int64_t bins, const HeadF32& w, float
 
 // One sample's backward from g_sum (d) = dL/d(pooled sum), with what the keep pass kept:
 // adds to g_w1t (m, hp), g_b1 (hp), g_w2 (d, hp), g_b2 (dp); writes g_f (bins, m).
-// scratch: kRows * (dp + hp + mp) floats.
+// scratch: backward_scratch(bins, w) floats.
+inline int64_t backward_scratch(int64_t bins, const HeadF32& w) {
+  return padded_rows(bins) * (w.dp + w.hp) + kRows * w.mp;
+}
+
 void head_backward_f32(const float* f, int64_t bins, const HeadF32& w, const float* g_sum, const float* g1,
                        const float* a1, const float* g2, float* g_w1t, float* g_b1, float* g_w2, float* g_b2,
                        float* g_f, float* scratch);
