@@ -87,7 +87,7 @@ inline void axpy(T c, const T* x, int64_t n, T* acc) {
 template <typename T>
 void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, int64_t d, int64_t k, int64_t dh) {
   const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
-  parallel_tasks(B * chunks, [&](int64_t task) {
+  parallel_tasks(B * chunks, B * L * k * (d + dh), [&](int64_t task) {
     std::vector<T> p(k);
     const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
     const int64_t l1 = std::min(L, l0 + kChunkRows);
@@ -103,7 +103,7 @@ void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, in
 template <typename T>
 void backward(const T* g, const T* r, const T* a, const T* vp, T* dr, T* da_part, T* dvp_part, int64_t B,
               int64_t L, int64_t d, int64_t k, int64_t dh, int64_t chunks) {
-  parallel_tasks(B * chunks, [&](int64_t task) {
+  parallel_tasks(B * chunks, 2 * B * L * k * (d + dh), [&](int64_t task) {
     std::vector<T> p(k), gl(k);
     const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
     const int64_t l1 = std::min(L, l0 + kChunkRows);

@@ -36,6 +36,11 @@ struct Params {
   int64_t B, C, m, h, d, bins;
 };
 
+// The head's multiply-adds for nb samples (its backward: about twice that).
+int64_t head_work(int64_t nb, const Params& p) { return nb * p.bins * p.h * (p.m + p.d); }
+
+constexpr int64_t kLog1pCost = 20;  // a magnitude and log1p, counted as multiply-adds
+
 Params check_inputs(const at::Tensor& x, const at::Tensor& mix_weight, const at::Tensor& freq_embed,
                     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                     int64_t size) {
@@ -61,7 +66,7 @@ void bins_and_mix(const at::Tensor& x, const HalfWindowBases& bases, int64_t siz
   const at::Tensor z = window_parts(x.reshape({nb * C, x.size(2), x.size(3)}), bases);
   const WindowIndex<T> w{z.data_ptr<T>(), bases.nr, bases.nc, size};
   const T *mix = mix_weight.data_ptr<T>(), *embed = freq_embed.data_ptr<T>();
-  parallel_ranges(nb, [&](int64_t b0, int64_t b1) {
+  parallel_ranges(nb, nb * bins * C * (m + kLog1pCost), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t q = 0; q < bins; ++q) {
         T* srow = s + (b * bins + q) * C;
@@ -170,7 +175,7 @@ void pooled_head(const at::Tensor& f, int64_t nb, const Params& p, const HeadWei
                  const at::Tensor& w1_t, const at::Tensor& b2, const at::Tensor& w2_t, T* pooled) {
   if constexpr (std::is_same_v<T, float>) {
     const float* rows = f.data_ptr<float>();
-    parallel_ranges(nb, [&](int64_t b0, int64_t b1) {  // samples are independent
+    parallel_ranges(nb, head_work(nb, p), [&](int64_t b0, int64_t b1) {  // samples are independent
       std::vector<float> scratch(kRows * (2 * head->view.hp + head->view.dp));
       head_forward_f32(rows + b0 * p.bins * p.m, b1 - b0, p.bins, head->view, pooled + b0 * p.d, scratch.data());
     });
@@ -204,7 +209,7 @@ HeadGrads head_backward(const at::Tensor& f, const Params& p, const at::Tensor& 
   const int64_t groups = std::min<int64_t>(p.B, kGradGroups);
   const int64_t group_size = groups > 0 ? (p.B + groups - 1) / groups : 0;
   std::vector<float> partial(groups * per_sample, 0.0f);
-  parallel_ranges(groups, [&](int64_t g0, int64_t g1_end) {
+  parallel_ranges(groups, 2 * head_work(p.B, p), [&](int64_t g0, int64_t g1_end) {
     std::vector<float> g1(rows * hp), a1(rows * hp), g2(rows * dp), pooled(p.d), gp(p.d);  // token_head.h
     std::vector<float> scratch(backward_scratch(p.bins, head.view)), sample(per_sample);
     float *s_w1t = sample.data(), *s_b1 = s_w1t + p.m * hp, *s_w2 = s_b1 + hp, *s_b2 = s_w2 + p.d * hp;
@@ -320,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_token_saving_cpu(const at::Tensor& x
   const HeadWeightsF32 head(w1, b1, w2, b2);
   const int64_t rows = padded_rows(p.bins), hp = head.view.hp;
   float* o = out.data_ptr<float>();
-  parallel_ranges(p.B, [&](int64_t b0, int64_t b1_end) {  // samples are independent
+  parallel_ranges(p.B, head_work(p.B, p), [&](int64_t b0, int64_t b1_end) {  // samples are independent
     for (int64_t b = b0; b < b1_end; ++b) {
       float *g1 = k + layout.head + b * layout.per_sample, *pooled = k + layout.pooled + b * p.d;
       head_forward_keep_f32(k + layout.f + b * p.bins * p.m, p.bins, head.view, g1, g1 + rows * hp,
