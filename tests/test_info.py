@@ -37,7 +37,7 @@ def test_backend_info_reports_every_op_and_device():
 
 def test_backend_info_says_how_eca_residual_runs():
     note = backend_info()["notes"]["eca_attention"]
-    assert note.startswith("eca_residual")
+    assert note.startswith("eca_residual") and "eca_psp" in note
     assert ("one compiled call" in note) == omnifm_ext.AVAILABLE
 
 

@@ -10,4 +10,10 @@ TORCH_LIBRARY_FRAGMENT(omnifm, m) {
   m.def(
       "eca_residual_backward(Tensor grad, Tensor x, Tensor protos, Tensor wq, Tensor wk, Tensor wv, "
       "Tensor? value_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // [ECA(r, protos, wq, wk, wv) out_weight^T | r | suffix] for tokens r (B, L, d): the
+  // adapter's sequence mode with PSP (prefix Z, tokens, suffix prompts), (B, 2L + p, d).
+  m.def("eca_psp(Tensor r, Tensor protos, Tensor wq, Tensor wk, Tensor wv, Tensor out_weight, Tensor suffix) -> Tensor");
+  m.def(
+      "eca_psp_backward(Tensor grad, Tensor r, Tensor protos, Tensor wq, Tensor wk, Tensor wv, Tensor out_weight, "
+      "Tensor suffix) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

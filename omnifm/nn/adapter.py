@@ -124,6 +124,8 @@ class OmniFMAdapter(nn.Module):
         if self.mode == "spatial":
             return self._fuse_spatial(output, protos)
         if isinstance(self.fusion, ECAFusion):  # W_z folded into the k values
+            if self.psp:  # [prefix Z W_z^T | tokens | suffix prompts] as one op
+                return self.fusion.prefix(output, protos, self.proj.weight, self.suffix)
             z = self.fusion(output, protos, out_weight=self.proj.weight)
         else:
             z = self.proj(self.fusion(output, protos))

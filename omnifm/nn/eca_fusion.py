@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import eca_attention, eca_residual
+from ..ops import eca_attention, eca_psp, eca_residual
 
 
 class ECAFusion(nn.Module):
@@ -41,6 +41,11 @@ class ECAFusion(nn.Module):
         """x + (Z out_weight^T + out_bias)^T for channel-first tokens x (B, dim, L) (a
         feature map, flattened); the mapped Z must have x's width."""
         return eca_residual(x, protos, self.wq, self.wk, self._values(out_weight), value_bias=out_bias)
+
+    def prefix(self, r, protos, out_weight, suffix):
+        """[Z out_weight^T | r | suffix] (B, 2L + p, dim) for tokens r (B, L, dim) and
+        suffix prompts (p, dim): sequence mode with PSP in one op (eca_psp)."""
+        return eca_psp(r, protos, self.wq, self.wk, self.wv, out_weight, suffix)
 
     def _values(self, out_weight):
         return self.wv if out_weight is None else self.wv @ out_weight.transpose(0, 1)

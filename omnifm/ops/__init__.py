@@ -5,7 +5,7 @@ extension omnifm_ext, else the PyTorch reference; OMNIFM_BACKEND forces one.
 """
 from ._backend import BackendUnavailableError
 from .cosine_topk import PreparedBank, cosine_topk, cosine_topk_ref, prepare_bank
-from .eca_attention import eca_attention, eca_attention_ref, eca_residual, eca_residual_ref
+from .eca_attention import eca_attention, eca_attention_ref, eca_psp, eca_psp_ref, eca_residual, eca_residual_ref
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
 from .spalign_loss import spalign_loss
@@ -20,6 +20,8 @@ __all__ = [
     "PreparedBank",
     "eca_attention",
     "eca_attention_ref",
+    "eca_psp",
+    "eca_psp_ref",
     "eca_residual",
     "eca_residual_ref",
     "lowpass_spectrum",

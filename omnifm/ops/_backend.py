@@ -57,7 +57,8 @@ def _ext_kernels():
     """{(op, device_type)} for which omnifm_ext registered a kernel."""
     if not omnifm_ext.AVAILABLE:
         return frozenset()
-    ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "cosine_topk_screened", "eca_core", "eca_residual")
+    ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "cosine_topk_screened", "eca_core", "eca_residual",
+           "eca_psp")
     return frozenset((op, key.lower()) for op in ops for key in ("CPU", "CUDA") if _has_kernel(op, key))
 
 

@@ -34,6 +34,7 @@ from ._checks import check_same_device, check_same_dtype, check_tensor
 
 OP = "eca_core"
 RESIDUAL_OP = "eca_residual"
+PSP_OP = "eca_psp"
 
 
 def eca_attention_ref(r, protos, wq, wk, wv, *, value_bias=None):
@@ -161,6 +162,34 @@ def eca_residual(x, protos, wq, wk, wv, *, value_bias=None):
     return x + _dispatched(r, protos, wq, wk, wv, value_bias).transpose(1, 2)
 
 
+def eca_psp_ref(r, protos, wq, wk, wv, out_weight, suffix):
+    """PyTorch reference of eca_psp: [ECA(r) out_weight^T | r | suffix]."""
+    z = eca_attention_ref(r, protos, wq, wk, wv) @ out_weight.transpose(0, 1)
+    return torch.cat([z, r, suffix.expand(r.shape[0], -1, -1)], dim=1)
+
+
+def eca_psp(r, protos, wq, wk, wv, out_weight, suffix):
+    """[Z out_weight^T | r | suffix] (B, 2L + p, d) for tokens r (B, L, d), Z =
+    eca_attention(r, protos, wq, wk, wv) (B, L, dh), out_weight (d, dh), suffix (p, d)
+    broadcast over the batch: the adapter's sequence mode with PSP (prefix Z, the
+    tokens, p suffix prompts). Output: r's dtype, contiguous.
+
+    On CPU with the extension this is one compiled call each way (the values are mapped
+    on the k prototype rows, (protos Wv) out_weight^T; the prefix, tokens and prompts
+    are written into one output; one autograd node); elsewhere eca_attention with
+    Wv out_weight^T as its values, then a concatenation."""
+    _validate(r, protos, wq, wk, wv)
+    check_tensor(out_weight, "out_weight", shape=(r.shape[2], wq.shape[1]))
+    check_tensor(suffix, "suffix", shape=(None, r.shape[2]))
+    check_same_device(r=r, out_weight=out_weight, suffix=suffix)
+    check_same_dtype(r=r, out_weight=out_weight, suffix=suffix)
+    if r.device.type == "cpu" and _backend.forced_backend() in (None, "ext") \
+            and r.dtype in (torch.float32, torch.float64) and _backend.ext_status(PSP_OP, "cpu") is None:
+        return torch.ops.omnifm.eca_psp(r, protos, wq, wk, wv, out_weight, suffix)
+    z = _dispatched(r, protos, wq, wk, wv @ out_weight.transpose(0, 1), None)
+    return torch.cat([z, r, suffix.expand(r.shape[0], -1, -1)], dim=1)
+
+
 # --- registration: the core op of each fused backend, its fake and its backward.
 
 @torch.library.custom_op("omnifm::eca_core_triton", mutates_args=())
@@ -224,3 +253,17 @@ def _fake_residual_backward(grad, x, protos, wq, wk, wv, value_bias):
 if _backend.ext_status(RESIDUAL_OP, "cpu") is None:  # its autograd is registered in C++ (eca_attention_kernel.cpp)
     torch.library.register_fake("omnifm::eca_residual")(_fake_residual)
     torch.library.register_fake("omnifm::eca_residual_backward")(_fake_residual_backward)
+
+
+def _fake_psp(r, protos, wq, wk, wv, out_weight, suffix):
+    return r.new_empty(r.shape[0], 2 * r.shape[1] + suffix.shape[0], r.shape[2])
+
+
+def _fake_psp_backward(grad, r, protos, wq, wk, wv, out_weight, suffix):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (r, protos, wq, wk, wv, out_weight, suffix))
+
+
+if _backend.ext_status(PSP_OP, "cpu") is None:  # its autograd is registered in C++ (eca_attention_kernel.cpp)
+    torch.library.register_fake("omnifm::eca_psp")(_fake_psp)
+    torch.library.register_fake("omnifm::eca_psp_backward")(_fake_psp_backward)

@@ -48,9 +48,12 @@ def _notes():
                   f"{SCREEN_MIN_ROWS[True]} rows with prepare_bank)")
     residual = ("cpu -> ext, one compiled call each way" if _backend.has_ext_kernel("eca_residual", "cpu")
                 else "cpu -> x + eca_attention(...) (omnifm_ext has no eca_residual kernel)")
+    psp = ("cpu -> ext, one compiled call each way" if _backend.has_ext_kernel("eca_psp", "cpu")
+           else "cpu -> cat(eca_attention(...), r, suffix) (omnifm_ext has no eca_psp kernel)")
     return {"cosine_topk": f"cpu ext bfloat16 screen: {screen}",
             "eca_attention": f"eca_residual (channel-first tokens, the adapter's spatial mode): {residual}; "
-                             "cuda -> x + eca_attention(...) with the Triton core"}
+                             f"eca_psp (tokens with PSP, the adapter's sequence mode): {psp}; "
+                             "cuda -> both compose eca_attention with the Triton core"}
 
 
 def backend_info(dtype=torch.float32):

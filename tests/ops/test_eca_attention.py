@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnifm.ops import eca_attention, eca_attention_ref, eca_residual, eca_residual_ref, spalign_loss
+from omnifm.ops import (eca_attention, eca_attention_ref, eca_psp, eca_psp_ref, eca_residual, eca_residual_ref,
+                        spalign_loss)
 from tests.helpers import FLOOR, fast_backends, forced, relerr
 
 BACKENDS = fast_backends("eca_core")
@@ -468,3 +469,110 @@ def test_eca_residual_errors_name_the_argument():
         eca_residual(x, protos, wq, wk, wv, value_bias=b[:3])
     with pytest.raises(TypeError, match="dtype|float"):
         eca_residual(x.double(), protos, wq, wk, wv, value_bias=b)
+
+
+# --- eca_psp: [ECA(r) out_weight^T | r | suffix] (the adapter's sequence mode with PSP).
+
+PSP_NAMES = ("r", "protos", "wq", "wk", "wv", "out_weight", "suffix")
+HAS_PSP_EXT = ("ext", "cpu") in fast_backends("eca_psp")
+
+
+def psp_inputs(B, L, d, dh, k, seed=0, dtype=torch.float64, scale=1.0, prompts=3, **_):
+    r, protos, wq, wk, wv = make_inputs(B, L, d, dh, k, seed=seed, dtype=dtype, scale=scale)
+    g = torch.Generator().manual_seed(seed + 13)
+    out_weight = (torch.randn(d, dh, generator=g, dtype=torch.float64) * dh ** -0.5).to(dtype)
+    suffix = torch.randn(prompts, d, generator=g, dtype=torch.float64).to(dtype)
+    return [r, protos, wq, wk, wv, out_weight, suffix]
+
+
+def psp_oracle(r, protos, wq, wk, wv, out_weight, suffix):
+    """The loop oracle's Z, mapped, then the concatenation, in float64."""
+    z = oracle(r, protos, wq, wk, wv) @ out_weight.double().transpose(0, 1)
+    return torch.cat([z, r.double(), suffix.double().expand(r.shape[0], -1, -1)], dim=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+@given(case=eca_cases(), dtype=st.sampled_from([torch.float32, torch.float64]), prompts=st.integers(0, 5))
+@settings(max_examples=25)
+def test_eca_psp_matches_oracle(backend, case, dtype, prompts):
+    """The dispatched op (ext: one compiled call) against the loop oracle: prefix,
+    tokens and prompts in their places, any L, d, k, p (p = 0 too)."""
+    if backend == "ext" and not HAS_PSP_EXT:
+        pytest.skip("ext not available here")
+    inputs64 = psp_inputs(**case, prompts=prompts)
+    inputs = [t.to(dtype) for t in inputs64]
+    with forced(backend):
+        out = eca_psp(*inputs)
+    B, L, d = inputs[0].shape
+    assert out.dtype == dtype and out.shape == (B, 2 * L + prompts, d) and out.is_contiguous()
+    want = psp_oracle(*inputs64)
+    low = eca_psp_ref(*inputs)
+    assert relerr(out[:, :L], want[:, :L]) <= 3 * relerr(low[:, :L], want[:, :L]) + FLOOR[dtype] * 10
+    assert torch.equal(out[:, L:], want[:, L:].to(dtype))  # the tokens and prompts are copies: exact
+
+
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+@given(case=eca_cases(max_l=40), prompts=st.integers(0, 5))
+@settings(max_examples=15)
+def test_eca_psp_backward_matches_reference(backend, case, prompts):
+    """Gradients of r (its two uses summed), protos, wq, wk, wv, out_weight and the
+    prompts (summed over the batch) against autograd through the float64 reference."""
+    if backend == "ext" and not HAS_PSP_EXT:
+        pytest.skip("ext not available here")
+    base = psp_inputs(**case, prompts=prompts)
+    leaves = lambda: [t.clone().requires_grad_() for t in base]
+    fast, ref = leaves(), leaves()
+    with forced(backend):
+        out = eca_psp(*fast)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    out.backward(g)
+    eca_psp_ref(*ref).backward(g)
+    names = list(PSP_NAMES) if prompts else list(PSP_NAMES[:-1])  # no prompts: an empty gradient
+    assert_grads_match(names, fast[:len(names)], ref[:len(names)], g, 1e-9)
+
+
+def test_eca_psp_gradcheck_ext():
+    if not HAS_PSP_EXT:
+        pytest.skip("ext not available here")
+    inputs = [t.requires_grad_() for t in psp_inputs(2, 7, 5, 4, 3, seed=1)]
+    with forced("ext"):
+        assert torch.autograd.gradcheck(lambda *a: eca_psp(*a), inputs)
+
+
+def test_eca_psp_opcheck():
+    if not HAS_PSP_EXT:
+        pytest.skip("ext not available here")
+    args = [t.requires_grad_() for t in psp_inputs(2, 19, 12, 8, 3, dtype=torch.float32)]
+    torch.library.opcheck(torch.ops.omnifm.eca_psp, tuple(args))
+    grad = torch.randn(2, 2 * 19 + 3, 12)
+    torch.library.opcheck(torch.ops.omnifm.eca_psp_backward, (grad, *(t.detach() for t in args)))
+
+
+def test_eca_psp_dispatch_and_compile():
+    """CPU with the extension: one compiled call (not the composition through
+    eca_attention's dispatch); forcing the reference composes; torch.compile traces it."""
+    module = importlib.import_module("omnifm.ops.eca_attention")
+    inputs = [t.float().requires_grad_() for t in psp_inputs(2, 9, 8, 6, 2)]
+    with mock.patch.object(module, "_dispatched", wraps=module._dispatched) as composed:
+        eager = eca_psp(*inputs)
+        assert composed.call_count == (0 if HAS_PSP_EXT else 1)
+        with forced("reference"):
+            eca_psp(*inputs)
+        assert composed.call_count == (1 if HAS_PSP_EXT else 2)
+    compiled = torch.compile(lambda *a: eca_psp(*a), fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.sum().backward()
+    assert relerr(out, eager) < 1e-6
+    assert all(t.grad is not None for t in inputs)
+
+
+def test_eca_psp_errors_name_the_argument():
+    r, protos, wq, wk, wv, out_weight, suffix = psp_inputs(2, 5, 6, 4, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="out_weight"):
+        eca_psp(r, protos, wq, wk, wv, out_weight[:, :3], suffix)
+    with pytest.raises(ValueError, match="suffix"):
+        eca_psp(r, protos, wq, wk, wv, out_weight, suffix[:, :5])
+    with pytest.raises(ValueError, match="protos"):
+        eca_psp(r, protos[:1], wq, wk, wv, out_weight, suffix)
+    with pytest.raises(TypeError, match="suffix"):
+        eca_psp(r, protos, wq, wk, wv, out_weight, suffix.double())

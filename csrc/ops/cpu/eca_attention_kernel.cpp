@@ -255,7 +255,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {g_x, g_protos, g_wq, g_wk, g_wv, g_bias};
 }
 
-// The autograd of eca_core and eca_residual in C++: the adapter calls one of them once
+// --- eca_psp: [Z out_weight^T | r | suffix] for tokens r (B, L, d), Z = ECA(r, protos,
+// wq, wk, wv): the adapter's sequence mode with PSP in one call each way. The values are
+// mapped on the k prototype rows, (protos Wv) out_weight^T, so the mapping costs k rows
+// per sample (not a (dh, d) weight product); the prefix, the tokens and the prompts are
+// written in one output, and the backward returns the tokens' gradient with both of
+// their uses summed and the prompts' summed over the batch.
+namespace {
+
+struct Psp {
+  at::Tensor kq, at_, pv, vp, p;  // protos Wk; kq Wq^T / sqrt(dh); protos Wv; pv out^T; softmax (B, k, L)
+};
+
+void check_psp(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+               const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
+  TORCH_CHECK_VALUE(r.dim() == 3, "r: expected (B, L, d)");
+  const int64_t B = r.size(0), d = r.size(2);
+  TORCH_CHECK_VALUE(protos.dim() == 3 && protos.size(0) == B && protos.size(2) == d && protos.size(1) >= 1,
+                    "protos: expected (B, k >= 1, d) matching r");
+  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.size(0) == d && wq.size(1) >= 1, "wq: expected (d, dh)");
+  TORCH_CHECK_VALUE(wk.sizes() == wq.sizes(), "wk: expected the shape of wq");
+  TORCH_CHECK_VALUE(wv.dim() == 2 && wv.size(0) == d && wv.size(1) >= 1, "wv: expected (d, dv)");
+  TORCH_CHECK_VALUE(out_weight.dim() == 2 && out_weight.size(0) == d && out_weight.size(1) == wv.size(1),
+                    "out_weight: expected (d, dv)");
+  TORCH_CHECK_VALUE(suffix.dim() == 2 && suffix.size(1) == d, "suffix: expected (p, d)");
+  TORCH_CHECK_TYPE(r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble,
+                   "r: the CPU kernel takes float32 or float64, got ", r.scalar_type());
+  for (const at::Tensor* t : {&protos, &wq, &wk, &wv, &out_weight, &suffix})
+    TORCH_CHECK_TYPE(t->scalar_type() == r.scalar_type(), "protos, wq, wk, wv, out_weight, suffix: expected the dtype of r");
+}
+
+Psp psp_parts(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+              const at::Tensor& wv, const at::Tensor& out_weight) {
+  Psp s;
+  s.kq = at::matmul(protos, wk);
+  s.at_ = at::matmul(s.kq, wq.t()).div_(std::sqrt(static_cast<double>(wq.size(1))));
+  s.pv = at::matmul(protos, wv);
+  s.vp = at::matmul(s.pv, out_weight.t());
+  s.p = at::softmax(at::bmm(s.at_, r.transpose(1, 2)), 1);  // over the k keys (B, k, L)
+  return s;
+}
+
+}  // namespace
+
+at::Tensor eca_psp_cpu(const at::Tensor& r_in, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+                       const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
+  check_psp(r_in, protos, wq, wk, wv, out_weight, suffix);
+  const at::Tensor r = r_in.contiguous();
+  const int64_t B = r.size(0), L = r.size(1), d = r.size(2), p = suffix.size(0);
+  const Psp s = psp_parts(r, protos, wq, wk, wv, out_weight);
+  at::Tensor out = new_output({B, 2 * L + p, d}, r.options());
+  at::Tensor prefix = out.narrow(1, 0, L);
+  at::bmm_out(prefix, s.p.transpose(1, 2), s.vp);  // Z out^T = p^T vp
+  out.narrow(1, L, L).copy_(r);
+  out.narrow(1, 2 * L, p).copy_(suffix.unsqueeze(0).expand({B, p, d}));
+  return out;
+}
+
+// Gradients of sum(grad * eca_psp(...)) for r, protos, wq, wk, wv, out_weight, suffix.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_psp_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& r_in, const at::Tensor& protos, const at::Tensor& wq,
+    const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
+  check_psp(r_in, protos, wq, wk, wv, out_weight, suffix);
+  const at::Tensor r = r_in.contiguous();
+  const int64_t B = r.size(0), L = r.size(1), d = r.size(2), p = suffix.size(0), k = protos.size(1);
+  const int64_t dh = wq.size(1), dv = wv.size(1);
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({B, 2 * L + p, d}), "grad: expected (B, 2L + p, d)");
+  const at::Tensor g = grad_in.to(r.scalar_type());
+  const Psp s = psp_parts(r, protos, wq, wk, wv, out_weight);
+  const at::Tensor g_z = g.narrow(1, 0, L);
+  const double scale = std::sqrt(static_cast<double>(dh));
+  // Through the softmax over the keys: d logits = p * (d p - sum_j p d p), d p = vp g_z^T.
+  const at::Tensor g_logits =
+      at::_softmax_backward_data(at::bmm(s.vp, g_z.transpose(1, 2)), s.p, 1, r.scalar_type());
+  at::Tensor g_r = at::baddbmm(g.narrow(1, L, L), g_logits.transpose(1, 2), s.at_);  // both uses of r
+  const at::Tensor g_at = at::bmm(g_logits, r).reshape({B * k, d});
+  const at::Tensor g_vp = at::bmm(s.p, g_z).reshape({B * k, d});
+  const at::Tensor protos2 = protos.reshape({B * k, d});
+  // at = (protos Wk) Wq^T / sqrt(dh); vp = (protos Wv) out^T.
+  const at::Tensor g_kq = at::mm(g_at, wq).div_(scale);  // (B*k, dh)
+  const at::Tensor g_pv = at::mm(g_vp, out_weight);      // (B*k, dv)
+  at::Tensor g_wq = at::mm(g_at.t(), s.kq.reshape({B * k, dh})).div_(scale);
+  at::Tensor g_wk = at::mm(protos2.t(), g_kq);
+  at::Tensor g_wv = at::mm(protos2.t(), g_pv);
+  at::Tensor g_out = at::mm(g_vp.t(), s.pv.reshape({B * k, dv}));
+  at::Tensor g_protos = at::addmm(at::mm(g_pv, wv.t()), g_kq, wk.t()).view({B, k, d});
+  at::Tensor g_suffix = g.narrow(1, 2 * L, p).sum(0);
+  return {g_r, g_protos, g_wq, g_wk, g_wv, g_out, g_suffix};
+}
+
+// The autograd of eca_core, eca_residual and eca_psp in C++: the adapter calls one of them once
 // per training step, and a Python-registered backward costs two Python round trips
 // (the forward's wrapper and the backward's) that are slower than the op itself at a
 // small backbone's sizes.
@@ -293,6 +382,28 @@ class EcaResidualFunction : public torch::autograd::Function<EcaResidualFunction
   }
 };
 
+class EcaPspFunction : public torch::autograd::Function<EcaPspFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq,
+                            const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& out_weight,
+                            const at::Tensor& suffix) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("omnifm::eca_psp", "").typed<decltype(eca_psp_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({r, protos, wq, wk, wv, out_weight, suffix});
+    return op.call(r, protos, wq, wk, wv, out_weight, suffix);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::eca_psp_backward", "")
+                               .typed<decltype(eca_psp_backward_cpu)>();
+    const variable_list v = ctx->get_saved_variables();
+    auto [g_r, g_protos, g_wq, g_wk, g_wv, g_out, g_suffix] = op.call(grads[0], v[0], v[1], v[2], v[3], v[4], v[5], v[6]);
+    return {g_r, g_protos, g_wq, g_wk, g_wv, g_out, g_suffix};
+  }
+};
+
 class EcaCoreFunction : public torch::autograd::Function<EcaCoreFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp) {
@@ -313,6 +424,11 @@ class EcaCoreFunction : public torch::autograd::Function<EcaCoreFunction> {
   }
 };
 
+at::Tensor eca_psp_autograd(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
+                            const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
+  return EcaPspFunction::apply(r, protos, wq, wk, wv, out_weight, suffix);
+}
+
 at::Tensor eca_core_autograd(const at::Tensor& r, const at::Tensor& at_, const at::Tensor& vp) {
   return EcaCoreFunction::apply(r, at_, vp);
 }
@@ -327,6 +443,7 @@ at::Tensor eca_residual_autograd(const at::Tensor& x, const at::Tensor& protos, 
 TORCH_LIBRARY_IMPL(omnifm, Autograd, m) {
   m.impl("eca_core", &eca_core_autograd);
   m.impl("eca_residual", &eca_residual_autograd);
+  m.impl("eca_psp", &eca_psp_autograd);
 }
 
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
@@ -334,6 +451,8 @@ TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
   m.impl("eca_core_backward", &eca_core_backward_cpu);
   m.impl("eca_residual", &eca_residual_cpu);
   m.impl("eca_residual_backward", &eca_residual_backward_cpu);
+  m.impl("eca_psp", &eca_psp_cpu);
+  m.impl("eca_psp_backward", &eca_psp_backward_cpu);
 }
 
 }  // namespace cpu
