@@ -24,6 +24,13 @@ with wv (d, d) and the residual added: the adapter's spatial mode. On CPU with t
 extension it is one compiled op each way (the projections, logits, softmax over k,
 values and the add as batched products in that layout: no transposed copies of the
 feature map, one autograd node); elsewhere it composes eca_attention's dispatch.
+
+    eca_psp(r, protos, wq, wk, wv, out_weight, suffix) -> [Z out_weight^T | r | suffix]
+
+The adapter's sequence mode with PSP (B, 2L + p, d): the prefix Z mapped to r's width,
+the tokens, and the p suffix prompts (p, d) for every sample. On CPU with the extension
+one compiled op each way (values mapped on the k prototype rows, one output, one
+autograd node); elsewhere eca_attention with Wv out_weight^T as values, then a cat.
 """
 import math
 

@@ -188,14 +188,21 @@ struct Residual {
   at::Tensor kq, at_, vp, p;  // protos Wk (B,k,dh); at = kq Wq^T / sqrt(dh) (B,k,d); values (B,k,d); softmax (B,k,L)
 };
 
+// protos (B, k >= 1, d) and the query and key projections wq, wk (d, dh), for tokens
+// (named `tokens`) of B samples and width d.
+void check_keys(const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk, int64_t B, int64_t d,
+                const char* tokens) {
+  TORCH_CHECK_VALUE(protos.dim() == 3 && protos.size(0) == B && protos.size(2) == d && protos.size(1) >= 1,
+                    "protos: expected (B, k >= 1, d) matching ", tokens);
+  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.size(0) == d && wq.size(1) >= 1, "wq: expected (d, dh)");
+  TORCH_CHECK_VALUE(wk.sizes() == wq.sizes(), "wk: expected the shape of wq");
+}
+
 void check_residual(const at::Tensor& x, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
                     const at::Tensor& wv, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x.dim() == 3, "x: expected (B, d, L)");
-  const int64_t B = x.size(0), d = x.size(1);
-  TORCH_CHECK_VALUE(protos.dim() == 3 && protos.size(0) == B && protos.size(2) == d && protos.size(1) >= 1,
-                    "protos: expected (B, k >= 1, d) matching x");
-  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.size(0) == d && wq.size(1) >= 1, "wq: expected (d, dh)");
-  TORCH_CHECK_VALUE(wk.sizes() == wq.sizes(), "wk: expected the shape of wq");
+  const int64_t d = x.size(1);
+  check_keys(protos, wq, wk, x.size(0), d, "x");
   TORCH_CHECK_VALUE(wv.dim() == 2 && wv.size(0) == d && wv.size(1) == d, "wv: expected (d, d)");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "x: the CPU kernel takes float32 or float64, got ", x.scalar_type());
@@ -270,11 +277,8 @@ struct Psp {
 void check_psp(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
                const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
   TORCH_CHECK_VALUE(r.dim() == 3, "r: expected (B, L, d)");
-  const int64_t B = r.size(0), d = r.size(2);
-  TORCH_CHECK_VALUE(protos.dim() == 3 && protos.size(0) == B && protos.size(2) == d && protos.size(1) >= 1,
-                    "protos: expected (B, k >= 1, d) matching r");
-  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.size(0) == d && wq.size(1) >= 1, "wq: expected (d, dh)");
-  TORCH_CHECK_VALUE(wk.sizes() == wq.sizes(), "wk: expected the shape of wq");
+  const int64_t d = r.size(2);
+  check_keys(protos, wq, wk, r.size(0), d, "r");
   TORCH_CHECK_VALUE(wv.dim() == 2 && wv.size(0) == d && wv.size(1) >= 1, "wv: expected (d, dv)");
   TORCH_CHECK_VALUE(out_weight.dim() == 2 && out_weight.size(0) == d && out_weight.size(1) == wv.size(1),
                     "out_weight: expected (d, dv)");
