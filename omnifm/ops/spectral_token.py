@@ -129,7 +129,6 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     return as_dtype(out, out_dtype)
 
 
-
 # --- registration: fake kernels and backwards. The Triton op's backward recomputes the
 # forward in the matrix form in PyTorch; the compiled op's runs in C++ in one call
 # (omnifm::spectral_token_backward, the same math), its autograd too.
