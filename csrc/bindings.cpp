@@ -28,7 +28,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
 #endif
     info["cpu_ops"] = std::vector<std::string>{"lowpass_spectrum", "spectral_token", "cosine_topk", "eca_core",
-                                               "eca_core_backward"};
+                                               "eca_residual", "eca_psp", "spalign_loss"};
     return info;
   });
 }

@@ -8,7 +8,7 @@ from .cosine_topk import PreparedBank, cosine_topk, cosine_topk_ref, prepare_ban
 from .eca_attention import eca_attention, eca_attention_ref, eca_psp, eca_psp_ref, eca_residual, eca_residual_ref
 from .info import backend_info
 from .lowpass_spectrum import lowpass_spectrum, lowpass_spectrum_ref
-from .spalign_loss import spalign_loss
+from .spalign_loss import spalign_loss, spalign_loss_ref
 from .spectral_token import spectral_token, spectral_token_ref
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "spectral_token",
     "spectral_token_ref",
     "spalign_loss",
+    "spalign_loss_ref",
 ]

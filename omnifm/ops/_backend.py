@@ -58,7 +58,7 @@ def _ext_kernels():
     if not omnifm_ext.AVAILABLE:
         return frozenset()
     ops = ("lowpass_spectrum", "spectral_token", "cosine_topk", "cosine_topk_screened", "eca_core", "eca_residual",
-           "eca_psp")
+           "eca_psp", "spalign_loss")
     return frozenset((op, key.lower()) for op in ops for key in ("CPU", "CUDA") if _has_kernel(op, key))
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from omnifm.ops import (eca_attention, eca_attention_ref, eca_psp, eca_psp_ref, eca_residual, eca_residual_ref,
                         spalign_loss)
+from omnifm.ops import _backend
 from tests.helpers import FLOOR, fast_backends, forced, relerr
 
 BACKENDS = fast_backends("eca_core")
@@ -171,15 +172,19 @@ def test_torch_compile_fullgraph(backend):
     assert all(t.grad is not None for t in inputs)
 
 
-def test_spalign_loss_matches_definition():
+@pytest.mark.parametrize("backend", ["reference", "ext"])
+def test_spalign_loss_matches_definition(backend):
+    if backend == "ext" and _backend.ext_status("spalign_loss", "cpu") is not None:
+        pytest.skip("ext not available here")
     g = torch.Generator().manual_seed(0)
     s, protos = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
     want = sum(((s[b] - protos[b].mean(0)) ** 2).sum() for b in range(5)) / 5
-    assert abs(spalign_loss(s, protos).item() - want.item()) < 1e-12
-    s.requires_grad_()
-    protos.requires_grad_()
-    assert torch.autograd.gradcheck(spalign_loss, (s, protos))
-    mixed = spalign_loss(s.detach().float(), protos.detach())  # float32 tokens, float64 prototypes: promoted
+    with forced(backend):
+        assert abs(spalign_loss(s, protos).item() - want.item()) < 1e-12
+        s.requires_grad_()
+        protos.requires_grad_()
+        assert torch.autograd.gradcheck(spalign_loss, (s, protos))
+        mixed = spalign_loss(s.detach().float(), protos.detach())  # float32 tokens, float64 prototypes: promoted
     assert mixed.dtype == torch.float64 and abs(mixed.item() - want.item()) < 1e-6
 
 

@@ -84,8 +84,10 @@ inline void axpy(T c, const T* x, int64_t n, T* acc) {
   for (int64_t i = 0; i < n; ++i) acc[i] += c * x[i];
 }
 
+// z_batch: the distance between two samples' first rows of z (L * dh when z is (B, L, dh)).
 template <typename T>
-void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, int64_t d, int64_t k, int64_t dh) {
+void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, int64_t d, int64_t k, int64_t dh,
+             int64_t z_batch) {
   const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
   parallel_tasks(B * chunks, B * L * k * (d + dh), [&](int64_t task) {
     std::vector<T> p(k);
@@ -94,15 +96,16 @@ void forward(const T* r, const T* a, const T* vp, T* z, int64_t B, int64_t L, in
     const T *ab = a + b * k * d, *vpb = vp + b * k * dh;
     for (int64_t l = l0; l < l1; ++l) {
       probs(r + (b * L + l) * d, ab, k, d, p.data());
-      combine(p.data(), vpb, k, dh, z + (b * L + l) * dh);
+      combine(p.data(), vpb, k, dh, z + b * z_batch + l * dh);
     }
   });
 }
 
-// da_part (B, chunks, k, d) and dvp_part (B, chunks, k, dh) must start at zero.
+// da_part (B, chunks, k, d) and dvp_part (B, chunks, k, dh) must start at zero;
+// g_batch: as forward's z_batch, for g.
 template <typename T>
 void backward(const T* g, const T* r, const T* a, const T* vp, T* dr, T* da_part, T* dvp_part, int64_t B,
-              int64_t L, int64_t d, int64_t k, int64_t dh, int64_t chunks) {
+              int64_t L, int64_t d, int64_t k, int64_t dh, int64_t chunks, int64_t g_batch) {
   parallel_tasks(B * chunks, 2 * B * L * k * (d + dh), [&](int64_t task) {
     std::vector<T> p(k), gl(k);
     const int64_t b = task / chunks, l0 = (task % chunks) * kChunkRows;
@@ -110,7 +113,7 @@ void backward(const T* g, const T* r, const T* a, const T* vp, T* dr, T* da_part
     const T *ab = a + b * k * d, *vpb = vp + b * k * dh;
     T *da = da_part + task * k * d, *dvp = dvp_part + task * k * dh;
     for (int64_t l = l0; l < l1; ++l) {
-      const T *row = r + (b * L + l) * d, *grow = g + (b * L + l) * dh;
+      const T *row = r + (b * L + l) * d, *grow = g + b * g_batch + l * dh;
       probs(row, ab, k, d, p.data());
       // d logits = p * (d p - sum p d p), with d p_j = g . vp_j
       T s = 0;
@@ -147,7 +150,7 @@ at::Tensor eca_core_cpu(const at::Tensor& r_in, const at::Tensor& at_in, const a
   at::Tensor z = new_output({B, L, dh}, r.options());
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_core_cpu", [&] {
     forward(r.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), B, L,
-            d, k, dh);
+            d, k, dh, L * dh);
   });
   return z;
 }
@@ -169,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_core_backward_cpu(const at::T
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_core_backward_cpu", [&] {
     backward(g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(),
              dr.data_ptr<scalar_t>(), da_part.data_ptr<scalar_t>(), dvp_part.data_ptr<scalar_t>(), B, L, d, k, dh,
-             chunks);
+             chunks, L * dh);
     sum_chunks(da_part.data_ptr<scalar_t>(), B, chunks, k * d, da.data_ptr<scalar_t>());
     sum_chunks(dvp_part.data_ptr<scalar_t>(), B, chunks, k * dh, dvp.data_ptr<scalar_t>());
   });
@@ -267,11 +270,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // mapped on the k prototype rows, (protos Wv) out_weight^T, so the mapping costs k rows
 // per sample (not a (dh, d) weight product); the prefix, the tokens and the prompts are
 // written in one output, and the backward returns the tokens' gradient with both of
-// their uses summed and the prompts' summed over the batch.
+// their uses summed and the prompts' summed over the batch. Past the four projections
+// (BLAS), everything runs in this file's loops, not in ATen's softmax, bmm and copy
+// kernels: inside a training step each such call finds its code cold (the backbone ran
+// in between), ~10-50 us apiece at the adapter's sizes, more than its arithmetic.
 namespace {
 
 struct Psp {
-  at::Tensor kq, at_, pv, vp, p;  // protos Wk; kq Wq^T / sqrt(dh); protos Wv; pv out^T; softmax (B, k, L)
+  // protos as (B*k, d) rows; protos Wk; kq Wq^T / sqrt(dh); protos Wv; pv out^T.
+  at::Tensor protos2, kq, at_, pv, vp;
 };
 
 void check_psp(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
@@ -289,30 +296,48 @@ void check_psp(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& 
     TORCH_CHECK_TYPE(t->scalar_type() == r.scalar_type(), "protos, wq, wk, wv, out_weight, suffix: expected the dtype of r");
 }
 
-Psp psp_parts(const at::Tensor& r, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
-              const at::Tensor& wv, const at::Tensor& out_weight) {
+template <typename T>
+void divide(T* x, int64_t n, T by) {
+  for (int64_t i = 0; i < n; ++i) x[i] /= by;
+}
+
+// The projections: four 2-D products over the B*k prototype rows (BLAS, which the
+// backbone's linear layers keep warm); the per-token work runs in the core's loops.
+Psp psp_parts(const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+              const at::Tensor& out_weight) {
+  const int64_t B = protos.size(0), k = protos.size(1), d = protos.size(2);
   Psp s;
-  s.kq = at::matmul(protos, wk);
-  s.at_ = at::matmul(s.kq, wq.t()).div_(std::sqrt(static_cast<double>(wq.size(1))));
-  s.pv = at::matmul(protos, wv);
-  s.vp = at::matmul(s.pv, out_weight.t());
-  s.p = at::softmax(at::bmm(s.at_, r.transpose(1, 2)), 1);  // over the k keys (B, k, L)
+  s.protos2 = protos.reshape({B * k, d});
+  s.kq = at::mm(s.protos2, wk);
+  s.at_ = at::mm(s.kq, wq.t());
+  AT_DISPATCH_FLOATING_TYPES(s.at_.scalar_type(), "eca_psp_scale", [&] {
+    divide(s.at_.data_ptr<scalar_t>(), s.at_.numel(), static_cast<scalar_t>(std::sqrt(static_cast<double>(wq.size(1)))));
+  });
+  s.pv = at::mm(s.protos2, wv);
+  s.vp = at::mm(s.pv, out_weight.t());
   return s;
 }
 
 }  // namespace
 
 at::Tensor eca_psp_cpu(const at::Tensor& r_in, const at::Tensor& protos, const at::Tensor& wq, const at::Tensor& wk,
-                       const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix) {
-  check_psp(r_in, protos, wq, wk, wv, out_weight, suffix);
-  const at::Tensor r = r_in.contiguous();
-  const int64_t B = r.size(0), L = r.size(1), d = r.size(2), p = suffix.size(0);
-  const Psp s = psp_parts(r, protos, wq, wk, wv, out_weight);
+                       const at::Tensor& wv, const at::Tensor& out_weight, const at::Tensor& suffix_in) {
+  check_psp(r_in, protos, wq, wk, wv, out_weight, suffix_in);
+  const at::Tensor r = r_in.contiguous(), suffix = suffix_in.contiguous();
+  const int64_t B = r.size(0), L = r.size(1), d = r.size(2), p = suffix.size(0), k = protos.size(1);
+  const Psp s = psp_parts(protos, wq, wk, wv, out_weight);
   at::Tensor out = new_output({B, 2 * L + p, d}, r.options());
-  at::Tensor prefix = out.narrow(1, 0, L);
-  at::bmm_out(prefix, s.p.transpose(1, 2), s.vp);  // Z out^T = p^T vp
-  out.narrow(1, L, L).copy_(r);
-  out.narrow(1, 2 * L, p).copy_(suffix.unsqueeze(0).expand({B, p, d}));
+  const int64_t rows = (2 * L + p) * d;  // one sample's output
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_psp_cpu", [&] {
+    const scalar_t *rp = r.data_ptr<scalar_t>(), *sp = suffix.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Z out^T = softmax(r at^T) vp, written as each sample's first L rows.
+    forward(rp, s.at_.data_ptr<scalar_t>(), s.vp.data_ptr<scalar_t>(), o, B, L, d, k, d, rows);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(rp + b * L * d, rp + (b + 1) * L * d, o + b * rows + L * d);
+      std::copy(sp, sp + p * d, o + b * rows + 2 * L * d);
+    }
+  });
   return out;
 }
 
@@ -323,28 +348,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_psp(r_in, protos, wq, wk, wv, out_weight, suffix);
   const at::Tensor r = r_in.contiguous();
   const int64_t B = r.size(0), L = r.size(1), d = r.size(2), p = suffix.size(0), k = protos.size(1);
-  const int64_t dh = wq.size(1), dv = wv.size(1);
   TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({B, 2 * L + p, d}), "grad: expected (B, 2L + p, d)");
-  const at::Tensor g = grad_in.to(r.scalar_type());
-  const Psp s = psp_parts(r, protos, wq, wk, wv, out_weight);
-  const at::Tensor g_z = g.narrow(1, 0, L);
-  const double scale = std::sqrt(static_cast<double>(dh));
-  // Through the softmax over the keys: d logits = p * (d p - sum_j p d p), d p = vp g_z^T.
-  const at::Tensor g_logits =
-      at::_softmax_backward_data(at::bmm(s.vp, g_z.transpose(1, 2)), s.p, 1, r.scalar_type());
-  at::Tensor g_r = at::baddbmm(g.narrow(1, L, L), g_logits.transpose(1, 2), s.at_);  // both uses of r
-  const at::Tensor g_at = at::bmm(g_logits, r).reshape({B * k, d});
-  const at::Tensor g_vp = at::bmm(s.p, g_z).reshape({B * k, d});
-  const at::Tensor protos2 = protos.reshape({B * k, d});
-  // at = (protos Wk) Wq^T / sqrt(dh); vp = (protos Wv) out^T.
-  const at::Tensor g_kq = at::mm(g_at, wq).div_(scale);  // (B*k, dh)
-  const at::Tensor g_pv = at::mm(g_vp, out_weight);      // (B*k, dv)
-  at::Tensor g_wq = at::mm(g_at.t(), s.kq.reshape({B * k, dh})).div_(scale);
-  at::Tensor g_wk = at::mm(protos2.t(), g_kq);
-  at::Tensor g_wv = at::mm(protos2.t(), g_pv);
-  at::Tensor g_out = at::mm(g_vp.t(), s.pv.reshape({B * k, dv}));
+  const at::Tensor g = grad_in.to(r.scalar_type()).contiguous();
+  const Psp s = psp_parts(protos, wq, wk, wv, out_weight);
+  const int64_t chunks = (L + kChunkRows - 1) / kChunkRows, rows = (2 * L + p) * d;
+  at::Tensor g_r = new_output({B, L, d}, r.options());
+  at::Tensor g_at = new_output({B * k, d}, r.options()), g_vp = new_output({B * k, d}, r.options());
+  at::Tensor g_suffix = new_output({p, d}, r.options());
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "eca_psp_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* gr = g_r.data_ptr<scalar_t>();
+    std::vector<scalar_t> da_part(B * chunks * k * d, scalar_t(0)), dvp_part(B * chunks * k * d, scalar_t(0));
+    // Through the prefix: the core's gradients for r (its use as queries), at and vp.
+    backward(gp, r.data_ptr<scalar_t>(), s.at_.data_ptr<scalar_t>(), s.vp.data_ptr<scalar_t>(), gr, da_part.data(),
+             dvp_part.data(), B, L, d, k, d, chunks, rows);
+    sum_chunks(da_part.data(), B, chunks, k * d, g_at.data_ptr<scalar_t>());
+    sum_chunks(dvp_part.data(), B, chunks, k * d, g_vp.data_ptr<scalar_t>());
+    // at = kq Wq^T / sqrt(dh): the scale moves onto its gradient once, for both products below.
+    divide(g_at.data_ptr<scalar_t>(), g_at.numel(), static_cast<scalar_t>(std::sqrt(static_cast<double>(wq.size(1)))));
+    // The tokens' own rows, then the prompts' rows summed over the batch in order.
+    scalar_t* gs = g_suffix.data_ptr<scalar_t>();
+    std::fill(gs, gs + p * d, scalar_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      axpy(scalar_t(1), gp + b * rows + L * d, L * d, gr + b * L * d);
+      axpy(scalar_t(1), gp + b * rows + 2 * L * d, p * d, gs);
+    }
+  });
+  // vp = (protos Wv) out^T, at = (protos Wk) Wq^T / sqrt(dh).
+  const at::Tensor g_kq = at::mm(g_at, wq), g_pv = at::mm(g_vp, out_weight);
+  at::Tensor g_wq = at::mm(g_at.t(), s.kq), g_wk = at::mm(s.protos2.t(), g_kq);
+  at::Tensor g_wv = at::mm(s.protos2.t(), g_pv), g_out = at::mm(g_vp.t(), s.pv);
   at::Tensor g_protos = at::addmm(at::mm(g_pv, wv.t()), g_kq, wk.t()).view({B, k, d});
-  at::Tensor g_suffix = g.narrow(1, 2 * L, p).sum(0);
   return {g_r, g_protos, g_wq, g_wk, g_wv, g_out, g_suffix};
 }
 
