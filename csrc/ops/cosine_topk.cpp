@@ -3,6 +3,8 @@
 
 TORCH_LIBRARY_FRAGMENT(omnifm, m) {
   m.def("cosine_topk(Tensor queries, Tensor bank, int k, int n_valid) -> (Tensor, Tensor)");
+  // Gradients of sum(grad_scores * scores) for queries and bank, given the selected indices.
+  m.def("cosine_topk_backward(Tensor grad_scores, Tensor queries, Tensor bank, Tensor indices) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_FRAGMENT(omnifm, m) {

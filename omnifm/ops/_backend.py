@@ -5,6 +5,7 @@ the given inputs, or the reason it cannot. The first usable backend in the prior
 list wins; the reasons for skipping the others are kept for ``backend_info()``.
 ``OMNIFM_BACKEND=reference|triton|ext`` forces one; forcing one that cannot run raises.
 """
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -114,6 +115,22 @@ def choose(checks, device_type, explain=False):
     if chosen is not None:
         return Choice(chosen, skipped)
     raise BackendUnavailableError(f"no backend can run this call: {skipped}")
+
+
+def backend_for(checks_of, device_type, *facts):
+    """choose(checks_of(device_type, *facts), device_type).backend, remembered for CPU
+    calls that OMNIFM_BACKEND does not force: there the answer depends on the facts alone
+    (the extension's kernels are fixed for the process; the reference always runs), and
+    a training step, which calls each op once, finds the checks' Python code cold: run
+    afresh, they cost more than a small op's kernel. facts: hashable."""
+    if device_type == "cpu" and forced_backend() is None:
+        return _cpu_choice(checks_of, facts)
+    return choose(checks_of(device_type, *facts), device_type).backend
+
+
+@functools.lru_cache(maxsize=1024)
+def _cpu_choice(checks_of, facts):
+    return choose(checks_of("cpu", *facts), "cpu").backend
 
 
 def register_fake_and_autograd(op, fake, backward, setup_context, ext_autograd=True):

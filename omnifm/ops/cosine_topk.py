@@ -231,7 +231,7 @@ def cosine_topk(queries, bank, k, *, n_valid=None, prepared=None):
     if prepared is not None:
         _check_prepared(prepared, bank, n_valid)
     cd = _compute_dtype(queries, bank)
-    backend = _backend.choose(backend_checks(queries.device.type, cd, k), queries.device.type).backend
+    backend = _backend.backend_for(backend_checks, queries.device.type, cd, k)
     if backend != "ext":
         _check_finite(queries)
     if backend == "ext" and _use_screen(queries, bank, n_valid, prepared):
@@ -286,7 +286,15 @@ def _backward(ctx, grad_scores, _grad_indices):
     return grad_q, grad_bank.to(bank.dtype), None, None
 
 
-_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context)
+def _fake_backward(grad_scores, queries, bank, indices):
+    return torch.empty_like(queries), torch.empty_like(bank)
+
+
+# The compiled op's autograd is C++'s (cosine_topk_kernel.cpp, the same math as
+# _backward): a Python-registered one would wrap every call, gradient or not.
+_backend.register_fake_and_autograd(OP, _fake, _backward, _setup_context, ext_autograd=False)
+if _backend.ext_status(OP, "cpu") is None:
+    torch.library.register_fake("omnifm::cosine_topk_backward")(_fake_backward)
 
 
 def _screened_fake(queries, bank, query_unit, query_inv_norms, bank_unit, bank_inv_norms, k, n_valid, bound):

@@ -135,8 +135,7 @@ def _dispatched(r, protos, wq, wk, wv, value_bias):
     backend chosen for this call."""
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (r, protos, wq, wk, wv, value_bias) if t is not None)
-    backend = _backend.choose(backend_checks(r.device.type, r.dtype, needs_grad, r.shape[-1]),
-                              r.device.type).backend
+    backend = _backend.backend_for(backend_checks, r.device.type, r.dtype, needs_grad, r.shape[-1])
     at = (protos @ wk) @ wq.transpose(0, 1) / math.sqrt(wq.shape[1])  # (B, k, d)
     vp = protos @ wv if value_bias is None else torch.addmm(value_bias, protos.flatten(0, 1), wv).view(
         *protos.shape[:2], -1)  # (B, k, dh)

@@ -46,7 +46,7 @@ def lowpass_spectrum(x, size, *, log=False):
     check_image(x, size)
     if not isinstance(log, bool):
         raise TypeError(f"log: expected a bool, got {type(log).__name__}")
-    backend = _backend.choose(backend_checks(x.device.type, x.dtype), x.device.type).backend
+    backend = _backend.backend_for(backend_checks, x.device.type, x.dtype)
     if backend == "ext":
         return torch.ops.omnifm.lowpass_spectrum(x, size, log)
     if backend == "triton":

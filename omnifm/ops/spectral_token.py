@@ -118,7 +118,7 @@ def spectral_token(x, mix_weight, freq_embed, w1, b1, w2, b2, *, size):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
     # The head-work allowance was measured for the float32 fused loops (float64 runs ATen's).
     work = head_work(x.shape[0], size, mix_weight.shape[0], w1.shape[0], w2.shape[0]) if cd == torch.float32 else None
-    backend = _backend.choose(backend_checks(x.device.type, cd, x.numel(), needs_grad, work), x.device.type).backend
+    backend = _backend.backend_for(backend_checks, x.device.type, cd, x.numel(), needs_grad, work)
     if backend == "reference":
         return spectral_token_ref(x, *params, size=size)
     params = [as_dtype(p, cd) for p in params]

@@ -186,6 +186,10 @@ def test_opcheck(qualname):
     q = torch.randn(6, 16, generator=g).to(device).requires_grad_()
     bank = torch.randn(90, 16, generator=g).to(device).requires_grad_()
     torch.library.opcheck(getattr(torch.ops.omnifm, qualname.split("::")[1]), (q, bank, 3, 80))
+    if backend == "ext":  # the compiled op's backward is an op of its own (its autograd is C++'s)
+        scores, indices = torch.ops.omnifm.cosine_topk(q.detach(), bank.detach(), 3, 80)
+        torch.library.opcheck(torch.ops.omnifm.cosine_topk_backward, (torch.randn_like(scores), q.detach(),
+                                                                      bank.detach(), indices))
 
 
 @pytest.mark.parametrize("backend", ["reference", "ext"])

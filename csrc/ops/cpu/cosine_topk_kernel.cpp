@@ -5,7 +5,9 @@
 // reference (the same ATen norm, and the BLAS product of a tile equals the full
 // product's), so the scores match it bit for bit and exact ties (duplicated rows) stay
 // ties, broken by the lower index.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -138,8 +140,106 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& queries, co
   return {scores, indices};
 }
 
+namespace {
+
+// Gradients of one query's selected scores, ((q . b) rq) rb with r = 1 / max(|v|, eps):
+// w = grad * rq * rb; d/dq = w (b - (q . b) rq^2 q), d/db = w (q - (q . b) rb^2 b), where
+// a norm's own derivative vanishes while its eps clamp is active. rows (k, d) are the
+// selected bank rows; grad_rows receives d/db for each of them.
+template <typename T>
+void query_backward(const T* q, const T* rows, const T* grad, int64_t k, int64_t d, T* grad_q, T* grad_rows) {
+  const T eps = static_cast<T>(kEps);
+  T qq = 0;
+  for (int64_t i = 0; i < d; ++i) qq += q[i] * q[i];
+  const T q_norm = std::sqrt(qq), rq = T(1) / std::max(q_norm, eps), q_live = q_norm > eps ? T(1) : T(0);
+  std::fill(grad_q, grad_q + d, T(0));
+  for (int64_t j = 0; j < k; ++j) {
+    const T* b = rows + j * d;
+    T bb = 0, dot = 0;
+    for (int64_t i = 0; i < d; ++i) bb += b[i] * b[i], dot += q[i] * b[i];
+    const T b_norm = std::sqrt(bb), rb = T(1) / std::max(b_norm, eps), b_live = b_norm > eps ? T(1) : T(0);
+    const T w = grad[j] * rq * rb, cq = dot * rq * rq * q_live, cb = dot * rb * rb * b_live;
+    T* gb = grad_rows + j * d;
+    for (int64_t i = 0; i < d; ++i) {
+      grad_q[i] += w * (b[i] - cq * q[i]);
+      gb[i] = w * (q[i] - cb * b[i]);
+    }
+  }
+}
+
+}  // namespace
+
+// The backward of cosine_topk's scores (its indices have none): the gradient of every
+// query and, summed over the queries that selected it, of every bank row.
+std::tuple<at::Tensor, at::Tensor> cosine_topk_backward_cpu(const at::Tensor& grad_scores, const at::Tensor& queries,
+                                                            const at::Tensor& bank, const at::Tensor& indices) {
+  TORCH_CHECK_VALUE(queries.dim() == 2 && bank.dim() == 2 && bank.size(1) == queries.size(1),
+                    "queries, bank: expected (B, d) and (M, d)");
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == queries.size(0) && indices.scalar_type() == at::kLong,
+                    "indices: expected (B, k) int64");
+  TORCH_CHECK_VALUE(grad_scores.sizes() == indices.sizes(), "grad_scores: expected the shape of indices (B, k)");
+  const int64_t B = queries.size(0), d = queries.size(1), k = indices.size(1);
+  const auto dtype = (queries.scalar_type() == at::kDouble || bank.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  const at::Tensor q = queries.to(dtype).contiguous(), g = grad_scores.to(dtype).contiguous();
+  const at::Tensor flat = indices.reshape({-1});
+  const at::Tensor rows = bank.index_select(0, flat).to(dtype).contiguous();  // (B*k, d) selected rows
+  at::Tensor grad_q = at::empty({B, d}, q.options()), grad_rows = at::empty({B * k, d}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cosine_topk_backward_cpu", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *rp = rows.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+    scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gr = grad_rows.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      query_backward(qp + b * d, rp + b * k * d, gp + b * k, k, d, gq + b * d, gr + b * k * d);
+  });
+  at::Tensor grad_bank = at::zeros({bank.size(0), d}, q.options()).index_add_(0, flat, grad_rows);
+  return {grad_q.to(queries.scalar_type()), grad_bank.to(bank.scalar_type())};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// cosine_topk's autograd in C++: the adapter retrieves once per training step with
+// inputs that need no gradient, and a Python-registered autograd wraps every call
+// (gradient or not) in two Python round trips that cost more than a small bank's search.
+class CosineTopkFunction : public torch::autograd::Function<CosineTopkFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                               int64_t n_valid) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::cosine_topk", "")
+                               .typed<decltype(cosine_topk_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [scores, indices] = op.call(queries, bank, k, n_valid);
+    ctx->save_for_backward({queries, bank, indices});
+    ctx->mark_non_differentiable({indices});
+    return {scores, indices};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("omnifm::cosine_topk_backward", "")
+                               .typed<decltype(cosine_topk_backward_cpu)>();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_q, grad_bank] = op.call(grads[0], saved[0], saved[1], saved[2]);
+    return {grad_q, grad_bank, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> cosine_topk_autograd(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
+                                                        int64_t n_valid) {
+  const variable_list out = CosineTopkFunction::apply(queries, bank, k, n_valid);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnifm, Autograd, m) { m.impl("cosine_topk", &cosine_topk_autograd); }
+
 TORCH_LIBRARY_IMPL(omnifm, CPU, m) {
   m.impl("cosine_topk", &cosine_topk_cpu);
+  m.impl("cosine_topk_backward", &cosine_topk_backward_cpu);
 }
 
 }  // namespace cpu
