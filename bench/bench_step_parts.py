@@ -19,6 +19,7 @@ variants, so a change in the machine's speed hits all of them alike; each varian
 time is the mean of its middle half of rounds (ms per step).
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -94,13 +95,16 @@ def main(argv=None):
                 step(x, y)
             times[v].append((time.perf_counter() - t0) / len(batches) * 1e3)
     base = None
-    print(f"task={args.task}  ms per training step (mean of the middle half of {args.reps} rounds)")
+    print(f"task={args.task}  ms per training step (mean of the middle half of {args.reps} rounds; "
+          "paired: median over rounds of the round's ratio to fedavg's)")
     for v in names:
         t = sorted(times[v])
         mid = t[len(t) // 4: len(t) - len(t) // 4] or t
         ms = sum(mid) / len(mid)
         base = ms if v == "fedavg" else base
         rel = f"   {ms / base:5.2f}x fedavg" if base else ""
+        if "fedavg" in times and v != "fedavg":
+            rel += f"   paired {statistics.median(a / b for a, b in zip(times[v], times['fedavg'])):5.3f}x"
         print(f"{v:<14} {ms:8.2f}{rel}")
 
 
