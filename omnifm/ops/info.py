@@ -50,7 +50,10 @@ def _notes():
                 else "cpu -> x + eca_attention(...) (omnifm_ext has no eca_residual kernel)")
     psp = ("cpu -> ext, one compiled call each way" if _backend.has_ext_kernel("eca_psp", "cpu")
            else "cpu -> cat(eca_attention(...), r, suffix) (omnifm_ext has no eca_psp kernel)")
+    spalign = ("cpu -> ext, one compiled call each way" if _backend.has_ext_kernel("spalign_loss", "cpu")
+               else "cpu -> the reference (omnifm_ext has no spalign_loss kernel)")
     return {"cosine_topk": f"cpu ext bfloat16 screen: {screen}",
+            "spalign_loss": f"{spalign}; cuda -> the reference (PyTorch's fused mse_loss)",
             "eca_attention": f"eca_residual (channel-first tokens, the adapter's spatial mode): {residual}; "
                              f"eca_psp (tokens with PSP, the adapter's sequence mode): {psp}; "
                              "cuda -> both compose eca_attention with the Triton core"}
